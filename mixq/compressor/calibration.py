@@ -1,0 +1,126 @@
+"""The calibration config: what a quantizer measured, per layer, in a versioned JSON file.
+
+In memory it is a dict keyed by module name with NNI 2.x keys, e.g.::
+
+    {'conv1': {'type': 'Conv2d',
+               'weight_bits': 8, 'weight_scale': [...], 'weight_zero_point': [...],
+               'weight_scheme': 'per_channel_symmetric', 'weight_axis': 0, 'weight_dtype': 'int',
+               'input_bits': 8, 'tracked_min_input': -0.42, 'tracked_max_input': 2.8,
+               'input_scheme': 'per_tensor_symmetric', 'input_dtype': 'int'}}
+
+Keys of a quant type are present only when that type is quantized. Ranges and scales are
+present only for integer bit widths (1..8); 16 bits means fp16 and 32 bits fp32. On disk the
+dict sits under ``{"format": "mixq-calibration", "version": 1, "layers": {...}}``. Loading
+never executes anything (plain JSON) and validates every field.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Dict
+
+from schema import And, Optional, Or, Schema, SchemaError
+
+from ..atomic_io import atomic_write
+from .fake_quant import DTYPES, SCHEMES, is_integer_bits, is_per_channel
+
+FORMAT_NAME = "mixq-calibration"
+FORMAT_VERSION = 1
+QUANT_TYPES = ("weight", "input", "output")
+
+CalibrationConfig = Dict[str, Dict[str, Any]]
+
+_finite = And(Or(int, float), lambda v: math.isfinite(v), error="must be a finite number")
+_bits = And(int, lambda b: 1 <= b <= 32, error="must be an int in 1..32")
+_layer_schema = Schema({
+    Optional("type"): str,
+    Optional("weight_bits"): _bits,
+    Optional("weight_scale"): And([_finite], len, lambda v: all(s > 0 for s in v),
+                                  error="must be a non-empty list of positive numbers"),
+    Optional("weight_zero_point"): And([int], len, error="must be a non-empty list of ints"),
+    Optional("weight_scheme"): Or(*SCHEMES),
+    Optional("weight_axis"): Or(None, int),
+    Optional("weight_dtype"): Or(*DTYPES),
+    Optional("folded_bn"): Or(None, str),
+    Optional("input_bits"): _bits,
+    Optional("tracked_min_input"): _finite,
+    Optional("tracked_max_input"): _finite,
+    Optional("input_scheme"): Or(*SCHEMES),
+    Optional("input_dtype"): Or(*DTYPES),
+    Optional("output_bits"): _bits,
+    Optional("tracked_min_output"): _finite,
+    Optional("tracked_max_output"): _finite,
+    Optional("output_scheme"): Or(*SCHEMES),
+    Optional("output_dtype"): Or(*DTYPES),
+})
+
+
+class CalibrationError(SchemaError):
+    """A calibration config (file or dict) is malformed, of another version, or inconsistent."""
+
+
+def _required_keys(entry: Dict[str, Any], qtype: str) -> list:
+    bits = entry.get(f"{qtype}_bits")
+    if bits is None or not is_integer_bits(bits):
+        return []
+    if qtype == "weight":
+        return ["weight_scale", "weight_zero_point", "weight_scheme", "weight_dtype", "weight_axis"]
+    return [f"tracked_min_{qtype}", f"tracked_max_{qtype}", f"{qtype}_scheme", f"{qtype}_dtype"]
+
+
+def validate_calibration_config(config: Any) -> CalibrationConfig:
+    """Check a calibration dict (keyed by module name) and return it; raise CalibrationError."""
+    if not isinstance(config, dict):
+        raise CalibrationError(f"calibration config must be a dict keyed by module name, got {type(config).__name__}")
+    for name, entry in config.items():
+        if not isinstance(name, str) or not isinstance(entry, dict):
+            raise CalibrationError(f"calibration entry {name!r} must map a module name to a dict")
+        try:
+            _layer_schema.validate(entry)
+        except SchemaError as exc:
+            raise CalibrationError(f"calibration entry {name!r}: {exc.code}") from None
+        if not any(f"{q}_bits" in entry for q in QUANT_TYPES):
+            raise CalibrationError(f"calibration entry {name!r} has no weight_bits, input_bits or output_bits")
+        for qtype in QUANT_TYPES:
+            missing = [k for k in _required_keys(entry, qtype) if k not in entry]
+            if missing:
+                raise CalibrationError(f"calibration entry {name!r} is missing {', '.join(missing)} "
+                                       f"(required for {entry[qtype + '_bits']}-bit {qtype})")
+            lo, hi = entry.get(f"tracked_min_{qtype}"), entry.get(f"tracked_max_{qtype}")
+            if lo is not None and hi is not None and lo > hi:
+                raise CalibrationError(f"calibration entry {name!r}: tracked_min_{qtype} {lo} > tracked_max_{qtype} {hi}")
+        if "weight_scale" in entry:
+            n_scale, n_zp = len(entry["weight_scale"]), len(entry["weight_zero_point"])
+            if n_scale != n_zp:
+                raise CalibrationError(f"calibration entry {name!r}: {n_scale} weight scales but {n_zp} zero points")
+            if not is_per_channel(entry["weight_scheme"]) and n_scale != 1:
+                raise CalibrationError(f"calibration entry {name!r}: per-tensor weight scheme with {n_scale} scales")
+    return config
+
+
+def save_calibration_config(config: CalibrationConfig, path: str) -> None:
+    """Validate and write ``config`` as versioned JSON, atomically (temp file + rename)."""
+    validate_calibration_config(config)
+    document = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": config}
+    atomic_write(path, json.dumps(document, indent=1, sort_keys=True) + "\n")
+
+
+def load_calibration_config(path: str) -> CalibrationConfig:
+    """Read and validate a calibration JSON written by :func:`save_calibration_config`."""
+    try:
+        with open(path) as fh:
+            document = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise CalibrationError(f"{path} is not a calibration JSON file ({exc}); "
+                               "calibration files are written by quantizer.export_model") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
+        raise CalibrationError(f"{path} is not a mixq calibration file (missing \"format\": \"{FORMAT_NAME}\")")
+    version = document.get("version")
+    if version != FORMAT_VERSION:
+        raise CalibrationError(f"{path} has calibration format version {version!r}; this mixq reads version "
+                               f"{FORMAT_VERSION}: re-export it with this version's quantizer.export_model")
+    return validate_calibration_config(document.get("layers"))
+
+
+__all__ = ["CalibrationConfig", "CalibrationError", "load_calibration_config", "save_calibration_config",
+           "validate_calibration_config", "FORMAT_VERSION"]

@@ -1,0 +1,194 @@
+"""Config-list validation (NNI 2.x keys, checked with ``schema``) and layer selection.
+
+Every mistake is a :class:`ConfigError` (a ``schema.SchemaError``) naming the entry index,
+the key and, for unknown names or keys, the closest valid ones.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import torch.nn as nn
+from schema import And, Or, Schema, SchemaError
+from schema import Optional as Opt
+
+from .fake_quant import DTYPES, SCHEMES, is_per_channel, is_symmetric
+
+QUANT_TYPES = ("weight", "input", "output")
+WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
+                nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+DEFAULT_SCHEME = {"weight": "per_channel_symmetric", "input": "per_tensor_symmetric",
+                  "output": "per_tensor_symmetric"}
+DEFAULT_DTYPE = "int"
+
+
+class ConfigError(SchemaError):
+    """A config list that cannot be applied as written."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+def _close(word: str, candidates: Iterable[str]) -> str:
+    matches = difflib.get_close_matches(word, sorted(set(candidates)), n=3, cutoff=0.5)
+    return f"; close matches: {', '.join(matches)}" if matches else ""
+
+
+def _per_type(value_schema: Any) -> Any:
+    return Or(value_schema, {Opt(Or(*QUANT_TYPES)): value_schema})
+
+
+@dataclass
+class LayerQuantConfig:
+    """The resolved quantization settings of one module (the last matching entry wins)."""
+
+    name: str
+    module_type: str
+    quant_types: List[str]
+    bits: Dict[str, int]
+    scheme: Dict[str, str]
+    dtype: Dict[str, str]
+    quant_start_step: int = 0
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+class ConfigListSpec:
+    """What one quantizer accepts: quant types, bit range and extra keys (validated by schema)."""
+
+    def __init__(self, quant_types: Sequence[str] = QUANT_TYPES, max_bits: int = 32,
+                 extra_keys: Optional[Dict[str, Any]] = None, quantizer: str = "Quantizer") -> None:
+        self.quant_types = tuple(quant_types)
+        self.max_bits = max_bits
+        self.extra_keys = dict(extra_keys or {})
+        self.quantizer = quantizer
+        bits = And(int, lambda b: 1 <= b <= 32, error="bit widths must be ints in 1..32")
+        self.keys = {
+            "quant_types": And([Or(*QUANT_TYPES)], len, error=f"quant_types must be a non-empty list of {list(QUANT_TYPES)}"),
+            "quant_bits": Or(bits, {Opt(Or(*QUANT_TYPES)): bits}, error="quant_bits must be an int in 1..32 or a dict {{quant_type: int}}"),
+            "op_types": And([str], len, error="op_types must be a non-empty list of module type names"),
+            "op_names": And([str], len, error="op_names must be a non-empty list of module names"),
+            "exclude": bool,
+            "quant_start_step": And(int, lambda s: s >= 0, error="quant_start_step must be an int >= 0"),
+            "quant_scheme": _per_type(Or(*SCHEMES, error=f"quant_scheme must be one of {list(SCHEMES)}")),
+            "quant_dtype": _per_type(Or(*DTYPES, error=f"quant_dtype must be one of {list(DTYPES)}")),
+            **self.extra_keys,
+        }
+
+    def _check_entry(self, index: int, entry: Any) -> None:
+        where = f"config_list[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a dict, got {type(entry).__name__}")
+        for key in entry:
+            if key not in self.keys:
+                raise ConfigError(f"{where}: unknown key {key!r} for {self.quantizer}{_close(str(key), self.keys)}")
+        for key, value in entry.items():
+            try:
+                Schema(self.keys[key]).validate(value)
+            except SchemaError as exc:
+                raise ConfigError(f"{where}['{key}'] = {value!r}: {exc.code}") from None
+        if "op_types" not in entry and "op_names" not in entry:
+            raise ConfigError(f"{where} selects no layer: give 'op_types' and/or 'op_names'")
+        if entry.get("exclude"):
+            return
+        for key in ("quant_types", "quant_bits"):
+            if key not in entry:
+                raise ConfigError(f"{where} is missing the required key {key!r}")
+        types = entry["quant_types"]
+        for qtype in types:
+            if qtype not in self.quant_types:
+                raise ConfigError(f"{where}['quant_types']: {self.quantizer} cannot quantize {qtype!r}; "
+                                  f"it supports {list(self.quant_types)}")
+        for key in ("quant_bits", "quant_scheme", "quant_dtype"):
+            value = entry.get(key)
+            if isinstance(value, dict):
+                stray = [t for t in value if t not in types]
+                if stray:
+                    raise ConfigError(f"{where}['{key}'] sets {stray} which are not in quant_types {types}")
+                if key == "quant_bits" and set(value) != set(types):
+                    raise ConfigError(f"{where}['quant_bits'] gives no bit width for "
+                                      f"{[t for t in types if t not in value]}")
+        for qtype in types:
+            bits = _lookup(entry["quant_bits"], qtype)
+            if bits > self.max_bits:
+                raise ConfigError(f"{where}['quant_bits']: {self.quantizer} supports at most {self.max_bits} bits "
+                                  f"for {qtype}, got {bits}")
+            scheme = _lookup(entry.get("quant_scheme"), qtype) or DEFAULT_SCHEME[qtype]
+            if qtype != "weight" and is_per_channel(scheme):
+                raise ConfigError(f"{where}['quant_scheme']: {qtype} activations are quantized per tensor; "
+                                  f"use 'per_tensor_symmetric' or 'per_tensor_affine', not {scheme!r}")
+            if bits == 1 and is_symmetric(scheme):
+                raise ConfigError(f"{where}: 1-bit {qtype} needs an affine quant_scheme (symmetric needs >= 2 bits)")
+
+    def resolve(self, model: nn.Module, config_list: Any) -> Dict[str, LayerQuantConfig]:
+        """Validate ``config_list`` against ``model``; return the settings per selected module name."""
+        if not isinstance(config_list, list) or not config_list:
+            raise ConfigError("config_list must be a non-empty list of dicts")
+        modules = dict(model.named_modules())
+        type_names = {type(m).__name__ for m in modules.values()}
+        layers: Dict[str, LayerQuantConfig] = {}
+        for index, entry in enumerate(config_list):
+            self._check_entry(index, entry)
+            matched = self._match(index, entry, modules, type_names)
+            for name in matched:
+                if entry.get("exclude"):
+                    layers.pop(name, None)
+                    continue
+                layers[name] = self._layer_config(index, entry, name, modules[name])
+        if not layers:
+            raise ConfigError("config_list selects no layer to quantize (every match was excluded)")
+        return layers
+
+    def _match(self, index: int, entry: Dict[str, Any], modules: Dict[str, nn.Module], type_names: set) -> List[str]:
+        where = f"config_list[{index}]"
+        names = [n for n in modules if n]
+        for name in entry.get("op_names", []):
+            if name not in modules or not name:
+                raise ConfigError(f"{where}['op_names']: {name!r} is not a module of the model{_close(name, names)}")
+        op_types = entry.get("op_types")
+        for op_type in op_types or []:
+            if op_type != "default" and op_type not in type_names:
+                raise ConfigError(f"{where}['op_types']: no module of type {op_type!r} in the model"
+                                  f"{_close(op_type, type_names | {'default'})}")
+        matched = []
+        for name, module in modules.items():
+            if not name or isinstance(module, _wrapper_types()):
+                continue
+            if "op_names" in entry and name not in entry["op_names"]:
+                continue
+            if op_types is not None and not _type_matches(module, op_types):
+                continue
+            matched.append(name)
+        if not matched:
+            raise ConfigError(f"{where} matches no module: op_names {entry.get('op_names')} "
+                              f"with op_types {op_types} select nothing in this model")
+        return matched
+
+    def _layer_config(self, index: int, entry: Dict[str, Any], name: str, module: nn.Module) -> LayerQuantConfig:
+        types = [t for t in QUANT_TYPES if t in entry["quant_types"]]
+        if "weight" in types and not isinstance(module, WEIGHT_TYPES):
+            raise ConfigError(f"config_list[{index}]: cannot quantize the weight of {name!r} "
+                              f"({type(module).__name__}); weight quantization supports "
+                              f"{[t.__name__ for t in WEIGHT_TYPES]}. Drop 'weight' from quant_types for it")
+        return LayerQuantConfig(
+            name=name, module_type=type(module).__name__, quant_types=types,
+            bits={t: _lookup(entry["quant_bits"], t) for t in types},
+            scheme={t: _lookup(entry.get("quant_scheme"), t) or DEFAULT_SCHEME[t] for t in types},
+            dtype={t: _lookup(entry.get("quant_dtype"), t) or DEFAULT_DTYPE for t in types},
+            quant_start_step=entry.get("quant_start_step", 0),
+            extra={k: entry[k] for k in self.extra_keys if k in entry})
+
+
+def _lookup(value: Any, qtype: str) -> Any:
+    return value.get(qtype) if isinstance(value, dict) else value
+
+
+def _type_matches(module: nn.Module, op_types: List[str]) -> bool:
+    if "default" in op_types and isinstance(module, WEIGHT_TYPES):
+        return True
+    return type(module).__name__ in op_types
+
+
+def _wrapper_types() -> tuple:
+    from .wrapper import QuantizerModuleWrapper
+    return (QuantizerModuleWrapper,)

@@ -1,0 +1,196 @@
+"""The Quantizer base class: validate a config list, wrap layers in place, export calibration."""
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..atomic_io import atomic_write
+from .bn_fold import find_conv_bn_pairs
+from .calibration import CalibrationConfig, save_calibration_config, validate_calibration_config
+from .config import ConfigError, ConfigListSpec, LayerQuantConfig
+from .fake_quant import (fake_quantize, is_integer_bits, is_per_channel, is_symmetric, qparams_from_range,
+                         quant_range, simulate_float_bits)
+from .wrapper import QuantizerModuleWrapper, set_submodule, unwrapped_copy
+
+logger = logging.getLogger(__name__)
+
+
+def weight_axis(module: nn.Module) -> int:
+    """The output-channel axis of a layer's weight (1 for ConvTranspose, else 0)."""
+    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+
+
+def weight_range(weight: torch.Tensor, scheme: str, axis: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Min/max of a weight, per channel along ``axis`` or over the whole tensor."""
+    w = weight.detach()
+    if is_per_channel(scheme):
+        return torch.aminmax(w.transpose(0, axis).reshape(w.shape[axis], -1), dim=1)
+    return torch.aminmax(w)
+
+
+def fake_quant_tensor(x: torch.Tensor, bits: int, scheme: str, dtype: str, min_val: torch.Tensor,
+                      max_val: torch.Tensor, axis: Optional[int] = None) -> torch.Tensor:
+    """Simulate deployment of ``x``: integer grid for 1..8 bits, fp16 for 16, identity for 32."""
+    if not is_integer_bits(bits):
+        return simulate_float_bits(x, bits)
+    scale, zero_point = qparams_from_range(min_val, max_val, bits, scheme, dtype)
+    qmin, qmax = quant_range(bits, dtype, is_symmetric(scheme))
+    return fake_quantize(x, scale.to(x.device), zero_point.to(x.device), qmin, qmax,
+                         axis if is_per_channel(scheme) else None)
+
+
+class Quantizer:
+    """Base class of all quantizers (NNI 2.x style).
+
+    Subclasses define :meth:`config_spec` and the three ``quantize_*`` hooks that wrappers call.
+    The model is wrapped in place at construction; :meth:`compress` returns the same model.
+    """
+
+    def __init__(self, model: nn.Module, config_list: List[Dict[str, Any]],
+                 optimizer: Optional[torch.optim.Optimizer] = None, dummy_input: Any = None) -> None:
+        if any(isinstance(m, QuantizerModuleWrapper) for m in model.modules()):
+            raise ConfigError("the model is already wrapped by a quantizer; pass the original float model "
+                              "(mixq.compressor.unwrapped_copy(model) gives one)")
+        self.bound_model = model
+        self.config_list = config_list
+        self.optimizer = optimizer
+        self.dummy_input = dummy_input
+        self.layer_configs: Dict[str, LayerQuantConfig] = self.config_spec().resolve(model, config_list)
+        self.modules_wrapper: Dict[str, QuantizerModuleWrapper] = {}
+        for name, cfg in self.layer_configs.items():
+            wrapper = QuantizerModuleWrapper(model.get_submodule(name), name, cfg, self)
+            set_submodule(model, name, wrapper)
+            self.modules_wrapper[name] = wrapper
+
+    @classmethod
+    def config_spec(cls) -> ConfigListSpec:
+        """What this quantizer accepts in a config list."""
+        return ConfigListSpec(quantizer=cls.__name__)
+
+    def compress(self) -> nn.Module:
+        """Finish setting up quantization and return the (wrapped, same) model."""
+        return self.bound_model
+
+    # Hooks called by the wrappers ------------------------------------------------------------
+    def quantize_weight(self, wrapper: QuantizerModuleWrapper, weight: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``weight`` (already BN-folded where folding is simulated)."""
+        cfg = wrapper.config
+        scheme = cfg.scheme["weight"]
+        axis = weight_axis(wrapper.module)
+        lo, hi = self.weight_range(wrapper, weight)
+        return fake_quant_tensor(weight, cfg.bits["weight"], scheme, cfg.dtype["weight"], lo, hi, axis)
+
+    def weight_range(self, wrapper: QuantizerModuleWrapper, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The range the weight is quantized with (min/max by default)."""
+        return weight_range(weight, wrapper.config.scheme["weight"], weight_axis(wrapper.module))
+
+    def quantize_input(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def quantize_output(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _fake_quant_activation(self, wrapper: QuantizerModuleWrapper, qtype: str, x: torch.Tensor) -> torch.Tensor:
+        cfg = wrapper.config
+        lo, hi = getattr(wrapper, f"tracked_min_{qtype}"), getattr(wrapper, f"tracked_max_{qtype}")
+        if is_integer_bits(cfg.bits[qtype]) and torch.isnan(lo):
+            return x
+        return fake_quant_tensor(x, cfg.bits[qtype], cfg.scheme[qtype], cfg.dtype[qtype], lo, hi)
+
+    # BatchNorm folding -----------------------------------------------------------------------
+    def _attach_batchnorms(self, dummy_input: Any) -> None:
+        """Find Conv->BN pairs with one forward of ``dummy_input`` and simulate their folding."""
+        model = self.bound_model
+        pairs = find_conv_bn_pairs(model, dummy_input)
+        for conv_name, bn_name in pairs.items():
+            wrapper = self.modules_wrapper.get(conv_name)
+            if wrapper is not None and "weight" in wrapper.config.quant_types:
+                wrapper.attach_bn(model.get_submodule(bn_name), bn_name)
+                logger.info("simulating BatchNorm folding of %s into %s", bn_name, conv_name)
+
+    # Export ----------------------------------------------------------------------------------
+    def calibration_config(self) -> CalibrationConfig:
+        """The calibration config (dict keyed by module name) of the current state, without writing files."""
+        config: CalibrationConfig = {}
+        with torch.no_grad():
+            for name, wrapper in self.modules_wrapper.items():
+                config[name] = self._layer_calibration(wrapper)
+        return validate_calibration_config(config)
+
+    def _layer_calibration(self, wrapper: QuantizerModuleWrapper) -> Dict[str, Any]:
+        cfg = wrapper.config
+        entry: Dict[str, Any] = {"type": cfg.module_type}
+        if "weight" in cfg.quant_types:
+            bits = cfg.bits["weight"]
+            entry["weight_bits"] = bits
+            if is_integer_bits(bits):
+                scheme, axis = cfg.scheme["weight"], weight_axis(wrapper.module)
+                weight = wrapper.effective_weight()
+                lo, hi = self.weight_range(wrapper, weight)
+                scale, zp = qparams_from_range(lo, hi, bits, scheme, cfg.dtype["weight"])
+                entry.update(weight_scale=[float(s) for s in scale.reshape(-1)],
+                             weight_zero_point=[int(z) for z in zp.reshape(-1)],
+                             weight_scheme=scheme, weight_dtype=cfg.dtype["weight"],
+                             weight_axis=axis if is_per_channel(scheme) else None,
+                             folded_bn=wrapper.bn_name)
+        for qtype in ("input", "output"):
+            if qtype not in cfg.quant_types:
+                continue
+            bits = cfg.bits[qtype]
+            entry[f"{qtype}_bits"] = bits
+            lo, hi = getattr(wrapper, f"tracked_min_{qtype}"), getattr(wrapper, f"tracked_max_{qtype}")
+            if torch.isnan(lo):
+                if is_integer_bits(bits):
+                    raise RuntimeError(f"layer {wrapper.name!r}: no {qtype} range was observed; run forward passes "
+                                       "(training for QAT, calibration data for PTQ) before exporting")
+                continue
+            entry.update({f"tracked_min_{qtype}": float(lo), f"tracked_max_{qtype}": float(hi),
+                          f"{qtype}_scheme": cfg.scheme[qtype], f"{qtype}_dtype": cfg.dtype[qtype]})
+        return entry
+
+    def export_model(self, model_path: Optional[str], calibration_path: Optional[str] = None,
+                     onnx_path: Optional[str] = None, input_shape: Optional[Sequence[int]] = None,
+                     device: Optional[torch.device] = None) -> CalibrationConfig:
+        """Write float weights (state_dict of the unwrapped model), calibration JSON and optionally
+        an fp32 ONNX; return the calibration config. The wrapped model is left as it was."""
+        calibration = self.calibration_config()
+        float_model = unwrapped_copy(self.bound_model)
+        if model_path is not None:
+            _atomic_torch_save(float_model.state_dict(), model_path)
+            logger.info("float weights saved to %s", model_path)
+        if calibration_path is not None:
+            save_calibration_config(calibration, calibration_path)
+            logger.info("calibration config saved to %s", calibration_path)
+        if onnx_path is not None:
+            if input_shape is None:
+                raise ValueError("onnx_path needs input_shape, e.g. input_shape=(1, 1, 28, 28)")
+            device = device or next(self.bound_model.parameters()).device
+            export_fp32_onnx(float_model, torch.randn(*input_shape, device=device), onnx_path)
+            logger.info("fp32 ONNX saved to %s", onnx_path)
+        return calibration
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def export_fp32_onnx(model: nn.Module, dummy_input: torch.Tensor, path: str) -> None:
+    """Plain fp32 ONNX (TorchScript exporter, dynamic batch axis), written atomically."""
+    was_training = model.training
+    model.eval()
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (dummy_input,), buffer, input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, dynamo=False)
+    finally:
+        model.train(was_training)
+    atomic_write(path, buffer.getvalue())

@@ -1,0 +1,115 @@
+"""The module wrapper that puts fake quantization around one layer, in place, as NNI does."""
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from .config import LayerQuantConfig
+from .observers import NonFiniteTensorError
+
+if TYPE_CHECKING:
+    from .quantizer import Quantizer
+
+
+class QuantizerModuleWrapper(nn.Module):
+    """Wraps ``module`` (kept as ``.module``, parameters untouched) and asks its quantizer to
+    fake-quantize the input, weight and output that ``config`` selects.
+
+    Activation ranges live in buffers ``tracked_min_input`` etc. (NaN until observed), so they
+    follow the model across devices and state dicts.
+    """
+
+    def __init__(self, module: nn.Module, name: str, config: LayerQuantConfig, quantizer: "Quantizer") -> None:
+        super().__init__()
+        self.module = module
+        self.name = name
+        self.config = config
+        self.__dict__["_quantizer"] = quantizer  # a plain reference: NNI code may drop its own
+        self.__dict__["bn"] = None  # a following BatchNorm whose folding is simulated (not a submodule)
+        self.bn_name: Optional[str] = None
+        for qtype in ("input", "output"):
+            if qtype in config.quant_types:
+                self.register_buffer(f"tracked_min_{qtype}", torch.tensor(float("nan")))
+                self.register_buffer(f"tracked_max_{qtype}", torch.tensor(float("nan")))
+
+    @property
+    def quantizer(self) -> "Quantizer":
+        """The quantizer that wrapped this layer."""
+        return self.__dict__["_quantizer"]
+
+    def attach_bn(self, bn: nn.Module, bn_name: str) -> None:
+        """Simulate folding ``bn`` into this conv's weight (the BN module itself still runs)."""
+        self.__dict__["bn"] = bn
+        self.bn_name = bn_name
+
+    def bn_scale(self) -> torch.Tensor:
+        """Per-output-channel factor gamma / sqrt(running_var + eps) of the attached BN."""
+        bn = self.__dict__["bn"]
+        gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+        return gamma / torch.sqrt(bn.running_var + bn.eps)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight that is quantized: the module weight, BN-folded when a BN is attached."""
+        w = self.module.weight
+        if self.__dict__["bn"] is None:
+            return w
+        return w * self.bn_scale().reshape([-1] + [1] * (w.dim() - 1))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        q = self.quantizer
+        types = self.config.quant_types
+        try:
+            if "input" in types:
+                if len(args) != 1 or kwargs or not torch.is_tensor(args[0]):
+                    raise TypeError(f"layer {self.name!r} ({self.config.module_type}) is configured for input "
+                                    "quantization, which needs exactly one tensor input; drop 'input' from its quant_types")
+                args = (q.quantize_input(self, args[0]),)
+            out = self._forward_weight(q, args, kwargs) if "weight" in types else self.module(*args, **kwargs)
+            if "output" in types:
+                if not torch.is_tensor(out):
+                    raise TypeError(f"layer {self.name!r} ({self.config.module_type}) is configured for output "
+                                    "quantization, which needs one tensor output; drop 'output' from its quant_types")
+                out = q.quantize_output(self, out)
+        except NonFiniteTensorError as exc:
+            raise NonFiniteTensorError(f"layer {self.name!r}: {exc}") from None
+        return out
+
+    def _forward_weight(self, q: "Quantizer", args: tuple, kwargs: dict) -> torch.Tensor:
+        qweight = q.quantize_weight(self, self.effective_weight())
+        if self.__dict__["bn"] is None:
+            return functional_call(self.module, {"weight": qweight}, args, kwargs)
+        bias = self.module.bias
+        params = {"weight": qweight}
+        if bias is not None:
+            params["bias"] = torch.zeros_like(bias)
+        out = functional_call(self.module, params, args, kwargs)
+        shape = [1, -1] + [1] * (out.dim() - 2)
+        out = out / self.bn_scale().reshape(shape)
+        return out + bias.reshape(shape) if bias is not None else out
+
+
+def unwrapped_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every wrapper replaced by its original float module.
+
+    Forward hooks that a quantizer put on the model are not copied.
+    """
+    memo = {id(m.quantizer): m.quantizer for m in model.modules() if isinstance(m, QuantizerModuleWrapper)}
+    clone = copy.deepcopy(model, memo)
+    for hook_id, hook in list(clone._forward_hooks.items()):
+        if getattr(hook, "_mixq_hook", False):
+            del clone._forward_hooks[hook_id]
+    wrappers = [(n, m) for n, m in clone.named_modules() if isinstance(m, QuantizerModuleWrapper)]
+    for name, wrapper in wrappers:
+        set_submodule(clone, name, wrapper.module)
+    return clone
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name``."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)

@@ -1,0 +1,6 @@
+"""Quantization algorithms: QAT, naive weight-only, and observer-based post-training."""
+from .naive import NaiveQuantizer
+from .observer import ObserverQuantizer
+from .qat import QAT_Quantizer
+
+__all__ = ["QAT_Quantizer", "NaiveQuantizer", "ObserverQuantizer"]

@@ -1,0 +1,93 @@
+"""Post-training quantization with range observers (calibrate, then compress, then export)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+from schema import And, Or
+
+from ..compressor.calibration import CalibrationConfig
+from ..compressor.config import QUANT_TYPES, ConfigListSpec
+from ..compressor.observers import OBSERVERS, Observer, make_observer
+from ..compressor.quantizer import Quantizer, weight_axis
+from ..compressor.fake_quant import is_per_channel
+from ..compressor.wrapper import QuantizerModuleWrapper
+
+_observer_spec = Or(Or(*OBSERVERS), And(dict, lambda d: d.get("name") in OBSERVERS),
+                    error=f"observer must be one of {sorted(OBSERVERS)} or a dict with 'name' and its options")
+DEFAULT_OBSERVER = "minmax"
+
+
+class ObserverQuantizer(Quantizer):
+    """PTQ: wrap, run calibration forwards (eval mode; layers run in float and are observed),
+    ``compress()`` (ranges are computed and fake quantization switches on), ``export_model``.
+
+    The observer is chosen per entry with ``'observer'``: a name (``'minmax'``,
+    ``'moving_average'``, ``'percentile'``, ``'mse'``), a dict ``{'name': ..., **options}``, or a
+    dict per quant type ``{'weight': 'mse', 'input': 'percentile'}``. Default: ``'minmax'``.
+    """
+
+    def __init__(self, model: nn.Module, config_list: List[Dict[str, Any]], **kwargs: Any) -> None:
+        super().__init__(model, config_list, **kwargs)
+        self.compressed = False
+        self.observers: Dict[str, Dict[str, Observer]] = {}
+        self._weight_ranges: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, wrapper in self.modules_wrapper.items():
+            spec = wrapper.config.extra.get("observer", DEFAULT_OBSERVER)
+            self.observers[name] = {}
+            for qtype in wrapper.config.quant_types:
+                choice = spec.get(qtype, DEFAULT_OBSERVER) if isinstance(spec, dict) and "name" not in spec else spec
+                axis = weight_axis(wrapper.module) if qtype == "weight" and is_per_channel(
+                    wrapper.config.scheme["weight"]) else None
+                self.observers[name][qtype] = make_observer(choice, axis)
+
+    @classmethod
+    def config_spec(cls) -> ConfigListSpec:
+        per_type = Or(_observer_spec, {Or(*QUANT_TYPES): _observer_spec})
+        return ConfigListSpec(extra_keys={"observer": per_type}, quantizer=cls.__name__)
+
+    def quantize_input(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
+        return self._activation(wrapper, "input", x)
+
+    def quantize_output(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
+        return self._activation(wrapper, "output", x)
+
+    def _activation(self, wrapper: QuantizerModuleWrapper, qtype: str, x: torch.Tensor) -> torch.Tensor:
+        if not self.compressed:
+            self.observers[wrapper.name][qtype].update(x)
+            return x
+        return self._fake_quant_activation(wrapper, qtype, x)
+
+    def quantize_weight(self, wrapper: QuantizerModuleWrapper, weight: torch.Tensor) -> torch.Tensor:
+        if not self.compressed:
+            return weight
+        return super().quantize_weight(wrapper, weight)
+
+    def weight_range(self, wrapper: QuantizerModuleWrapper, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self._weight_ranges[wrapper.name]
+
+    def compress(self) -> nn.Module:
+        """Turn the observations into ranges and switch fake quantization on."""
+        with torch.no_grad():
+            for name, wrapper in self.modules_wrapper.items():
+                cfg = wrapper.config
+                for qtype, observer in self.observers[name].items():
+                    if qtype == "weight":
+                        observer.update(wrapper.effective_weight())
+                    elif observer.min_val is None:
+                        raise RuntimeError(f"layer {name!r} saw no {qtype} during calibration: run calibration "
+                                           "forwards through the wrapped model before compress()")
+                    lo, hi = observer.compute_range(cfg.bits[qtype], cfg.scheme[qtype], cfg.dtype[qtype])
+                    if qtype == "weight":
+                        self._weight_ranges[name] = (lo, hi)
+                    else:
+                        getattr(wrapper, f"tracked_min_{qtype}").copy_(lo)
+                        getattr(wrapper, f"tracked_max_{qtype}").copy_(hi)
+        self.compressed = True
+        return self.bound_model
+
+    def calibration_config(self) -> CalibrationConfig:
+        if not self.compressed:
+            raise RuntimeError("ObserverQuantizer: call compress() after the calibration forwards, then export")
+        return super().calibration_config()

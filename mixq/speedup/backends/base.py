@@ -1,0 +1,86 @@
+"""The one small interface every inference backend implements.
+
+A backend turns a precision-annotated ONNX model (QuantizeLinear/DequantizeLinear around
+int8 layers, Casts around fp16 layers, the rest fp32) into an :class:`Engine`. The shared
+speedup code never looks inside a backend; a backend never reinterprets the config.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence
+
+import numpy as np
+import onnx
+
+PRECISIONS = ("int8", "fp16", "fp32")
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend's package or device is missing; the message names the fix."""
+
+
+class EngineFormatError(ValueError):
+    """A serialized engine is corrupt, of another backend, or of another version."""
+
+
+@dataclass
+class BuildOptions:
+    """What every backend needs to build an engine.
+
+    ``max_batch`` bounds the dynamic batch axis (TensorRT optimization profile);
+    ``num_threads`` is the CPU thread count (ONNX Runtime); ``workspace_bytes`` the
+    device memory pool limit (TensorRT).
+    """
+
+    max_batch: int = 128
+    opt_batch: int = 32
+    num_threads: int = 2
+    workspace_bytes: int = 1 << 30
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+class Engine(abc.ABC):
+    """A built, runnable engine."""
+
+    backend: str = ""
+    input_names: List[str]
+    output_names: List[str]
+
+    @abc.abstractmethod
+    def run(self, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """Run one batch: float32 arrays in graph-input order -> arrays in graph-output order."""
+
+    @abc.abstractmethod
+    def serialize(self) -> bytes:
+        """The engine's payload, loadable by the same backend's ``deserialize``."""
+
+    @abc.abstractmethod
+    def node_precisions(self) -> Dict[str, str]:
+        """Precision that actually runs ('int8'|'fp16'|'fp32') per compute node of the annotated
+        graph (keyed by that graph's node name), read from what the backend built."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (a no-op on CPU); called before reading the clock."""
+
+
+class Backend(abc.ABC):
+    """Factory for engines of one kind."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def check_available(self) -> None:
+        """Raise :class:`BackendUnavailable` naming the fix when the package or device is missing."""
+
+    @abc.abstractmethod
+    def version(self) -> str:
+        """Version of the runtime library, recorded in saved engines."""
+
+    @abc.abstractmethod
+    def build(self, model: onnx.ModelProto, options: BuildOptions) -> Engine:
+        """Build an engine from a precision-annotated ONNX model."""
+
+    @abc.abstractmethod
+    def deserialize(self, payload: bytes, options: BuildOptions) -> Engine:
+        """Rebuild an engine from :meth:`Engine.serialize` output (same backend and version)."""
