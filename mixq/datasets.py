@@ -90,8 +90,8 @@ def load_mnist(root: Optional[str] = None, n_train: int = 8000) -> Tuple[Split, 
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickler for the CIFAR batches: numpy arrays and builtins only, nothing executable."""
 
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype")}
+    _ALLOWED = {(mod, name) for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
+                for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:

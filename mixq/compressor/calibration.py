@@ -19,7 +19,7 @@ import json
 import math
 from typing import Any, Dict
 
-from schema import And, Optional, Or, Schema, SchemaError
+from schema import And, Or, Schema, SchemaError
 
 from ..atomic_io import atomic_write
 from .fake_quant import DTYPES, SCHEMES, is_integer_bits, is_per_channel
@@ -32,27 +32,22 @@ CalibrationConfig = Dict[str, Dict[str, Any]]
 
 _finite = And(Or(int, float), lambda v: math.isfinite(v), error="must be a finite number")
 _bits = And(int, lambda b: 1 <= b <= 32, error="must be an int in 1..32")
-_layer_schema = Schema({
-    Optional("type"): str,
-    Optional("weight_bits"): _bits,
-    Optional("weight_scale"): And([_finite], len, lambda v: all(s > 0 for s in v),
-                                  error="must be a non-empty list of positive numbers"),
-    Optional("weight_zero_point"): And([int], len, error="must be a non-empty list of ints"),
-    Optional("weight_scheme"): Or(*SCHEMES),
-    Optional("weight_axis"): Or(None, int),
-    Optional("weight_dtype"): Or(*DTYPES),
-    Optional("folded_bn"): Or(None, str),
-    Optional("input_bits"): _bits,
-    Optional("tracked_min_input"): _finite,
-    Optional("tracked_max_input"): _finite,
-    Optional("input_scheme"): Or(*SCHEMES),
-    Optional("input_dtype"): Or(*DTYPES),
-    Optional("output_bits"): _bits,
-    Optional("tracked_min_output"): _finite,
-    Optional("tracked_max_output"): _finite,
-    Optional("output_scheme"): Or(*SCHEMES),
-    Optional("output_dtype"): Or(*DTYPES),
-})
+_scheme = Or(*SCHEMES, error=f"must be one of {list(SCHEMES)}")
+_dtype = Or(*DTYPES, error=f"must be one of {list(DTYPES)}")
+_FIELDS = {
+    "type": Schema(str),
+    "weight_bits": _bits,
+    "weight_scale": And([_finite], len, lambda v: all(s > 0 for s in v),
+                        error="must be a non-empty list of positive numbers"),
+    "weight_zero_point": And([int], len, error="must be a non-empty list of ints"),
+    "weight_scheme": _scheme,
+    "weight_axis": Or(None, int, error="must be an int or null"),
+    "weight_dtype": _dtype,
+    "folded_bn": Or(None, str, error="must be a module name or null"),
+}
+for _q in ("input", "output"):
+    _FIELDS.update({f"{_q}_bits": _bits, f"tracked_min_{_q}": _finite, f"tracked_max_{_q}": _finite,
+                    f"{_q}_scheme": _scheme, f"{_q}_dtype": _dtype})
 
 
 class CalibrationError(SchemaError):
@@ -75,10 +70,13 @@ def validate_calibration_config(config: Any) -> CalibrationConfig:
     for name, entry in config.items():
         if not isinstance(name, str) or not isinstance(entry, dict):
             raise CalibrationError(f"calibration entry {name!r} must map a module name to a dict")
-        try:
-            _layer_schema.validate(entry)
-        except SchemaError as exc:
-            raise CalibrationError(f"calibration entry {name!r}: {exc.code}") from None
+        for key, value in entry.items():
+            if key not in _FIELDS:
+                raise CalibrationError(f"calibration entry {name!r}: unknown key {key!r}")
+            try:
+                Schema(_FIELDS[key]).validate(value)
+            except SchemaError as exc:
+                raise CalibrationError(f"calibration entry {name!r}: {key} = {value!r} {exc.code}") from None
         if not any(f"{q}_bits" in entry for q in QUANT_TYPES):
             raise CalibrationError(f"calibration entry {name!r} has no weight_bits, input_bits or output_bits")
         for qtype in QUANT_TYPES:
@@ -108,9 +106,9 @@ def save_calibration_config(config: CalibrationConfig, path: str) -> None:
 def load_calibration_config(path: str) -> CalibrationConfig:
     """Read and validate a calibration JSON written by :func:`save_calibration_config`."""
     try:
-        with open(path) as fh:
-            document = json.load(fh)
-    except json.JSONDecodeError as exc:
+        with open(path, "rb") as fh:
+            document = json.loads(fh.read().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CalibrationError(f"{path} is not a calibration JSON file ({exc}); "
                                "calibration files are written by quantizer.export_model") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:

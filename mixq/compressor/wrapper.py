@@ -88,7 +88,9 @@ class QuantizerModuleWrapper(nn.Module):
             params["bias"] = torch.zeros_like(bias)
         out = functional_call(self.module, params, args, kwargs)
         shape = [1, -1] + [1] * (out.dim() - 2)
-        out = out / self.bn_scale().reshape(shape)
+        factor = self.bn_scale()
+        factor = torch.where(factor == 0, torch.ones_like(factor), factor)  # gamma 0: BN ignores this channel
+        out = out / factor.reshape(shape)
         return out + bias.reshape(shape) if bias is not None else out
 
 

@@ -86,14 +86,24 @@ def _tensor_precision(tensor: Dict[str, Any]) -> Optional[str]:
 
 
 def _layer_precision(layer: Dict[str, Any]) -> Optional[str]:
-    """The precision a layer computes in: that of its first input with a numeric float/int8
-    type (shape tensors, booleans and inputs without type information are skipped)."""
+    """The precision a layer computes in.
+
+    That of its first input with a float/int8 type (shape tensors and booleans are skipped),
+    narrowed by the type of its embedded ``Weights`` when those are narrower: a convolution
+    that reads fp32 and converts it itself (a fused Cast) still runs on fp16 weights.
+    """
+    found = None
     for tensor in layer.get("Inputs") or []:
         if isinstance(tensor, dict):
             found = _tensor_precision(tensor)
             if found is not None:
-                return found
-    return None
+                break
+    weights = layer.get("Weights")
+    if found is not None and isinstance(weights, dict) and isinstance(weights.get("Type"), str):
+        weight_precision = _precision_of_type(weights["Type"])
+        if weight_precision is not None and _ORDER[weight_precision] < _ORDER[found]:
+            found = weight_precision
+    return found
 
 
 def _layer_onnx_nodes(layer: Dict[str, Any]) -> List[str]:
@@ -125,9 +135,9 @@ def precisions_from_inspector_json(text: str) -> Dict[str, str]:
 
     The engine must have been built with ``ProfilingVerbosity.DETAILED`` (otherwise
     ``Layers`` holds bare names and this raises ``ValueError``). Each compute layer's
-    precision is that of its first float/int8 input; every ONNX node fused into the layer
-    gets it. Reformat/no-op layers are skipped. A node that appears in several layers gets the
-    widest precision among them, so a node is reported 'int8' only if all of it ran in int8.
+    precision (:func:`_layer_precision`) goes to every ONNX node fused into the layer;
+    reformat/no-op layers are skipped. A node that appears in several layers gets the widest
+    precision among them, so it is reported 'int8' only if all of it ran in int8.
     """
     try:
         # TensorRT may write the metadata separators as raw control characters.
@@ -278,7 +288,10 @@ class TensorRTEngine(Engine):
         self._logger = _trt_logger(trt)
         self._logger.errors.clear()
         self._runtime = trt.Runtime(self._logger)  # must outlive the engine
-        self._engine = self._runtime.deserialize_cuda_engine(payload)
+        try:
+            self._engine = self._runtime.deserialize_cuda_engine(payload)
+        except (RuntimeError, TypeError, ValueError):  # failure is normally reported as None
+            self._engine = None
         if self._engine is None:
             raise EngineFormatError(
                 f"this is not an engine TensorRT {trt.__version__} can load on this GPU "
@@ -304,17 +317,24 @@ class TensorRTEngine(Engine):
                             "cannot exchange with torch")
         return self._dtypes[trt_dtype]
 
+    def _profile(self, name: str) -> Tuple[Tuple[int, ...], ...]:
+        """(min, opt, max) shapes an input accepts (all equal for a static input)."""
+        shape = tuple(self._engine.get_tensor_shape(name))
+        if all(d >= 0 for d in shape):
+            return shape, shape, shape
+        return tuple(tuple(s) for s in self._engine.get_tensor_profile_shape(name, 0))
+
     def _check_shape(self, name: str, shape: Tuple[int, ...]) -> None:
         expected = tuple(self._engine.get_tensor_shape(name))
-        lo, _, hi = (tuple(s) for s in self._engine.get_tensor_profile_shape(name, 0))
+        lo, _, hi = self._profile(name)
         ok = len(shape) == len(expected) and all(
             e < 0 or e == s for e, s in zip(expected, shape))
         ok = ok and all(a <= s <= b for a, s, b in zip(lo, shape, hi))
         if not ok:
-            raise ValueError(
-                f"input {name!r} has shape {list(shape)}; this engine accepts "
-                f"{list(expected)} (-1 = batch) with the batch between {lo[0] if lo else 1} "
-                f"and {hi[0] if hi else 1} (BuildOptions.max_batch)")
+            batch = f"the batch between {lo[0]} and {hi[0]} (BuildOptions.max_batch)" if lo \
+                else "a scalar"
+            raise ValueError(f"input {name!r} has shape {list(shape)}; this engine accepts "
+                             f"{list(expected)} (-1 = batch) with {batch}")
 
     def run(self, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
         if len(inputs) != len(self.input_names):
@@ -322,12 +342,13 @@ class TensorRTEngine(Engine):
                              f"{self.input_names}, got {len(inputs)}")
         ctx = self._context
         with torch.cuda.stream(self._stream):
-            keep = []
+            keep = []  # the device inputs must stay alive until the outputs are copied back
             for name, array in zip(self.input_names, inputs):
-                array = np.asarray(array)
+                array = np.ascontiguousarray(array)
                 self._check_shape(name, tuple(array.shape))
-                tensor = torch.from_numpy(np.ascontiguousarray(array)).to(
-                    self._device, dtype=self._dtype(name))
+                if not array.flags.writeable:  # torch.from_numpy wants a writeable array
+                    array = array.copy()
+                tensor = torch.from_numpy(array).to(self._device, dtype=self._dtype(name))
                 if not ctx.set_input_shape(name, tuple(tensor.shape)):
                     raise ValueError(f"TensorRT rejected shape {list(tensor.shape)} for "
                                      f"input {name!r}")
@@ -361,8 +382,7 @@ class TensorRTEngine(Engine):
         set to its optimization-profile 'opt' shape (without it, dynamic tensors show no
         format or data type)."""
         for name in self.input_names:
-            _, opt, _ = self._engine.get_tensor_profile_shape(name, 0)
-            self._context.set_input_shape(name, tuple(opt))
+            self._context.set_input_shape(name, self._profile(name)[1])
         inspector = self._engine.create_engine_inspector()
         # 'execution_context' in the TensorRT 10.x/11.x bindings; 'context' in early ones.
         attr = "execution_context" if hasattr(inspector, "execution_context") else "context"
