@@ -1,0 +1,112 @@
+"""The ``mixq`` command line: inspect calibration files and saved engines, benchmark engines."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import zipfile
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .compressor.calibration import CalibrationConfig, CalibrationError, load_calibration_config
+from .compressor.fake_quant import is_integer_bits, qparams_from_range
+from .table import format_table
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _activation_cell(entry: dict, qtype: str) -> str:
+    bits = entry.get(f"{qtype}_bits")
+    if bits is None:
+        return "-"
+    if not is_integer_bits(bits) or f"tracked_min_{qtype}" not in entry:
+        return f"{bits}b"
+    lo, hi = entry[f"tracked_min_{qtype}"], entry[f"tracked_max_{qtype}"]
+    scale, zp = qparams_from_range(lo, hi, bits, entry[f"{qtype}_scheme"], entry[f"{qtype}_dtype"])
+    return f"{bits}b [{_fmt(lo)}, {_fmt(hi)}] s={_fmt(float(scale))} zp={int(zp)}"
+
+
+def _weight_cell(entry: dict) -> str:
+    bits = entry.get("weight_bits")
+    if bits is None:
+        return "-"
+    if "weight_scale" not in entry:
+        return f"{bits}b"
+    scales = entry["weight_scale"]
+    scale = _fmt(scales[0]) if len(scales) == 1 else f"{_fmt(min(scales))}..{_fmt(max(scales))} ({len(scales)} ch)"
+    folded = f" +{entry['folded_bn']}" if entry.get("folded_bn") else ""
+    return f"{bits}b {entry['weight_scheme']} s={scale}{folded}"
+
+
+def calibration_table(config: CalibrationConfig) -> str:
+    """Per-layer table of a calibration config: bits, scheme, ranges and derived scales."""
+    rows = [[name, entry.get("type", "?"), _weight_cell(entry), _activation_cell(entry, "input"),
+             _activation_cell(entry, "output")] for name, entry in config.items()]
+    return format_table(["layer", "type", "weight", "input", "output"], rows)
+
+
+def _inspect(path: str) -> str:
+    if zipfile.is_zipfile(path):
+        from .speedup.engine_file import describe_engine_file
+        return describe_engine_file(path)
+    return f"calibration config {path}\n" + calibration_table(load_calibration_config(path))
+
+
+def _bench(path: str, batch_size: int, runs: int, warmup: int) -> str:
+    from .speedup import ModelSpeedup
+    engine = ModelSpeedup.load_quantized_model(path)
+    shape = (batch_size,) + tuple(engine.input_shape[1:])
+    data = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    import torch
+    from tqdm import tqdm
+    x = torch.from_numpy(data)
+    for _ in range(warmup):
+        engine.inference(x)
+    times = []
+    for _ in tqdm(range(runs), desc="timing", unit="run", file=sys.stderr):
+        start = time.perf_counter()
+        engine.inference(x)
+        times.append(time.perf_counter() - start)
+    ms = np.array(times) * 1e3
+    median = statistics.median(ms)
+    rows = [[engine.backend_name, batch_size, runs, _fmt(median), _fmt(np.percentile(ms, 10)),
+             _fmt(np.percentile(ms, 90)), f"{batch_size / median * 1e3:.1f}"]]
+    return format_table(["backend", "batch", "runs", "median ms", "p10 ms", "p90 ms", "images/s"], rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixq", description="Inspect and benchmark mixq calibration files and engines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_inspect = sub.add_parser("inspect", help="per-layer table of a calibration JSON or a saved engine")
+    p_inspect.add_argument("file")
+    p_bench = sub.add_parser("bench", help="latency table of a saved engine on random input")
+    p_bench.add_argument("engine")
+    p_bench.add_argument("--batch-size", type=int, required=True)
+    p_bench.add_argument("--runs", type=int, default=50)
+    p_bench.add_argument("--warmup", type=int, default=5)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``mixq`` console script; user mistakes print one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "inspect":
+            print(_inspect(args.file))
+        else:
+            if args.batch_size < 1 or args.runs < 1:
+                raise ValueError("--batch-size and --runs must be positive")
+            print(_bench(args.engine, args.batch_size, args.runs, args.warmup))
+    except (OSError, ValueError, CalibrationError, json.JSONDecodeError) as exc:
+        print(f"mixq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Torch -> fp32 ONNX with a dynamic batch axis, BatchNorm folded into its conv in torch first.
+
+BatchNorm is folded on a deep copy of the model before export (the BN becomes ``nn.Identity``),
+so no exporter-side fusion renames or merges nodes: every conv keeps its own node and the
+module mapping stays exact. Which Conv -> BN pairs exist is found by running the model with
+hooks that compare tensor identity (:func:`mixq.compressor.bn_fold.find_conv_bn_pairs`), so
+no assumption about module order or forward code is made.
+
+Two exporters are supported (``exporter=``): ``"torchscript"`` (the default) and ``"dynamo"``.
+TorchScript is the default because it is about ten times faster to run (0.1 s against 1-4 s
+on the models here), keeps operators that backends fuse well (``Flatten``,
+``GlobalAveragePool``, ``Gemm``; the dynamo exporter writes ``ReduceMean`` + ``Reshape``) and
+names every node after its module scope. Both are mapped back to module names by
+:mod:`mixq.speedup.module_map`. Exporter deprecation notices and progress logs are silenced:
+the user cannot act on them.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Mapping, Sequence, Tuple
+
+import onnx
+import torch
+import torch.nn as nn
+
+from ..compressor.bn_fold import find_conv_bn_pairs
+from ..compressor.wrapper import set_submodule
+
+logger = logging.getLogger(__name__)
+
+EXPORTERS = ("torchscript", "dynamo")
+DEFAULT_EXPORTER = "torchscript"
+OPSET = {"torchscript": 17, "dynamo": 18}
+BATCH_AXIS_NAME = "batch"
+
+
+@dataclass
+class FoldedBatchNorm:
+    """A BatchNorm folded into the conv before it: ``factor`` = gamma / sqrt(var + eps)."""
+
+    conv: str
+    bn: str
+    factor: torch.Tensor
+    axis: int
+
+
+@dataclass
+class ExportedModel:
+    """An fp32 ONNX model and what the export did to the torch model."""
+
+    model: onnx.ModelProto
+    input_names: List[str]
+    output_names: List[str]
+    exporter: str
+    folded: Dict[str, FoldedBatchNorm] = field(default_factory=dict)  # keyed by conv name
+
+
+def io_names(count: int, stem: str) -> List[str]:
+    """``['input']`` for one tensor, ``['input_0', 'input_1', ...]`` for several."""
+    return [stem] if count == 1 else [f"{stem}_{i}" for i in range(count)]
+
+
+def conv_bn_pairs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Dict[str, str]:
+    """``{conv_name: bn_name}`` for every BatchNorm fed directly by a conv of ``model``."""
+    return find_conv_bn_pairs(model, tuple(example_inputs))
+
+
+def bn_factor(bn: nn.Module) -> torch.Tensor:
+    """Per-channel ``gamma / sqrt(running_var + eps)``, computed as the quantizer wrappers do."""
+    gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+    return (gamma / torch.sqrt(bn.running_var + bn.eps)).detach()
+
+
+def weight_axis(module: nn.Module) -> int:
+    """Output-channel axis of a layer's weight (1 for transposed convs, else 0)."""
+    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+
+
+def fold_batchnorms(model: nn.Module, pairs: Mapping[str, str]) -> Dict[str, FoldedBatchNorm]:
+    """Fold each ``pairs[conv] = bn`` into the conv of ``model`` (in place) and replace the BN
+    by ``nn.Identity``. Weights become ``w * factor`` per output channel, the bias
+    ``(b - mean) * factor + beta``."""
+    folded = {}
+    with torch.no_grad():
+        for conv_name, bn_name in pairs.items():
+            conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+            factor = bn_factor(bn)
+            axis = weight_axis(conv)
+            shape = [1] * conv.weight.dim()
+            shape[axis] = -1
+            conv.weight.copy_(conv.weight * factor.reshape(shape))
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+            new_bias = (bias - bn.running_mean) * factor + beta
+            conv.bias = nn.Parameter(new_bias.detach().clone(), requires_grad=False)
+            set_submodule(model, bn_name, nn.Identity())
+            folded[conv_name] = FoldedBatchNorm(conv_name, bn_name, factor.clone(), axis)
+    return folded
+
+
+@contextlib.contextmanager
+def quiet_export() -> Iterator[None]:
+    """Silence exporter warnings and progress logs the user cannot act on."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def _run_outputs(model: nn.Module, inputs: Tuple[torch.Tensor, ...]) -> int:
+    with torch.no_grad():
+        out = model(*inputs)
+    if torch.is_tensor(out):
+        return 1
+    if isinstance(out, (tuple, list)) and out and all(torch.is_tensor(o) for o in out):
+        return len(out)
+    raise TypeError(f"the model returns {type(out).__name__}; speedup needs a tensor or a tuple/list of tensors")
+
+
+def _export_torchscript(model: nn.Module, inputs: Tuple[torch.Tensor, ...], input_names: List[str],
+                        output_names: List[str]) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    axes = {name: {0: BATCH_AXIS_NAME} for name in input_names + output_names}
+    torch.onnx.export(model, inputs, buffer, input_names=input_names, output_names=output_names,
+                      dynamic_axes=axes, opset_version=OPSET["torchscript"], do_constant_folding=True,
+                      dynamo=False)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _export_dynamo(model: nn.Module, inputs: Tuple[torch.Tensor, ...], input_names: List[str],
+                   output_names: List[str]) -> onnx.ModelProto:
+    batch = torch.export.Dim(BATCH_AXIS_NAME, min=1)
+    program = torch.onnx.export(model, inputs, dynamo=True, input_names=input_names, output_names=output_names,
+                                dynamic_shapes=tuple({0: batch} for _ in inputs),
+                                opset_version=OPSET["dynamo"], verbose=False)
+    return program.model_proto
+
+
+def _inline_identity_initializers(model: onnx.ModelProto) -> None:
+    """Let nodes read initializers directly where the exporter routed them through Identity."""
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    rename = {}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+            rename[node.output[0]] = node.input[0]
+        else:
+            keep.append(node)
+    if not rename:
+        return
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def _ensure_node_names(model: onnx.ModelProto) -> None:
+    """Give every node a unique, non-empty name (later passes key nodes by name)."""
+    seen = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.name or node.op_type}__{i}"
+        seen.add(node.name)
+
+
+def export_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], fold: Mapping[str, str],
+                exporter: str = DEFAULT_EXPORTER) -> ExportedModel:
+    """Export a float, eval-mode deep copy of ``model`` to ONNX with a dynamic batch axis on
+    every input and output, after folding ``fold[conv] = bn`` pairs in torch.
+
+    ``model`` itself is not modified. Inputs are named ``input`` / ``input_<i>``, outputs
+    ``output`` / ``output_<i>``.
+    """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; use one of {list(EXPORTERS)}")
+    clone = copy.deepcopy(model).cpu().eval()
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    folded = fold_batchnorms(clone, fold)
+    inputs = tuple(t.detach().cpu().float() for t in example_inputs)
+    input_names = io_names(len(inputs), "input")
+    output_names = io_names(_run_outputs(clone, inputs), "output")
+    with quiet_export():
+        if exporter == "torchscript":
+            proto = _export_torchscript(clone, inputs, input_names, output_names)
+        else:
+            proto = _export_dynamo(clone, inputs, input_names, output_names)
+    _inline_identity_initializers(proto)
+    _ensure_node_names(proto)
+    logger.info("exported %s with the %s exporter (%d nodes, %d BatchNorms folded)", type(model).__name__,
+                exporter, len(proto.graph.node), len(folded))
+    return ExportedModel(proto, input_names, output_names, exporter, folded)
