@@ -63,6 +63,28 @@ def read_mnist_split(root: str, split: str) -> Split:
     return _mnist_tensors(_read_idx(img), _read_idx(lab))
 
 
+MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def download_mnist(root: str, timeout: float = 10.0) -> bool:
+    """Fetch the four MNIST files into ``root/MNIST/raw``; False (and nothing half-written) on failure."""
+    import urllib.request
+
+    from .atomic_io import atomic_write
+    raw = Path(root) / "MNIST" / "raw"
+    try:
+        for name in MNIST_FILES:
+            if not (raw / name).exists():
+                with urllib.request.urlopen(MNIST_MIRROR + name, timeout=timeout) as response:
+                    atomic_write(raw / name, response.read())
+    except OSError as exc:
+        logger.warning("MNIST download failed (%s)", exc)
+        return False
+    return True
+
+
 def load_mnist(root: Optional[str] = None, n_train: int = 8000) -> Tuple[Split, Split, str]:
     """(train, test, source) for MNIST.
 
