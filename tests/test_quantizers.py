@@ -199,3 +199,20 @@ def test_unwrapped_copy_is_the_float_model(trained_mnist, mnist):
     plain = unwrapped_copy(model).eval()
     assert not any(type(m).__name__ == "QuantizerModuleWrapper" for m in plain.modules())
     torch.testing.assert_close(plain(xte[:8]), reference(xte[:8]))
+
+
+def test_export_writes_fp32_onnx_matching_the_float_model(trained_mnist, mnist, tmp_path):
+    import onnxruntime as ort
+    model, _ = trained_mnist
+    _, (xte, _) = mnist
+    reference = copy.deepcopy(model).eval()
+    config = [dict(CONFIG_8BIT[0], observer={"weight": "mse", "input": "percentile"}), CONFIG_8BIT[1]]
+    quantizer = ObserverQuantizer(model, config)
+    model.eval()
+    with torch.no_grad():
+        model(xte[:256])
+    quantizer.compress()
+    quantizer.export_model(None, onnx_path=str(tmp_path / "m.onnx"), input_shape=(1, 1, 28, 28))
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: xte[:50].numpy()})[0]  # dynamic batch axis
+    np.testing.assert_allclose(out, reference(xte[:50]).detach().numpy(), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,54 @@
+"""Inference backends behind one interface (:mod:`.base`), imported only when asked for.
+
+``get_backend('onnxruntime' | 'tensorrt' | 'auto')``; ``'auto'`` picks TensorRT when the
+``tensorrt`` package imports and a CUDA device exists, else ONNX Runtime.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Dict, List, Tuple
+
+from .base import Backend, BackendUnavailable, BuildOptions, Engine, EngineFormatError
+
+_REGISTRY: Dict[str, Tuple[str, str]] = {
+    "onnxruntime": (".onnxruntime", "OnnxRuntimeBackend"),
+    "tensorrt": (".tensorrt", "TensorRTBackend"),
+}
+AUTO = "auto"
+
+
+def available_backends() -> List[str]:
+    """Names accepted by :func:`get_backend` (besides ``'auto'``)."""
+    return list(_REGISTRY)
+
+
+def _tensorrt_usable() -> bool:
+    if importlib.util.find_spec("tensorrt") is None:
+        return False
+    try:
+        import tensorrt  # noqa: F401
+        import torch
+    except Exception:  # a broken install counts as absent for 'auto'
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_backend_name(name: str) -> str:
+    """The concrete backend ``name`` stands for (resolves ``'auto'``); unknown names are an error."""
+    if name == AUTO:
+        return "tensorrt" if _tensorrt_usable() else "onnxruntime"
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; choose one of {available_backends() + [AUTO]}")
+    return name
+
+
+def get_backend(name: str) -> Backend:
+    """A backend instance by name, importing its module now."""
+    module_name, class_name = _REGISTRY[resolve_backend_name(name)]
+    module = importlib.import_module(module_name, __name__)
+    return getattr(module, class_name)()
+
+
+__all__ = ["Backend", "BackendUnavailable", "BuildOptions", "Engine", "EngineFormatError", "available_backends",
+           "get_backend", "resolve_backend_name"]
