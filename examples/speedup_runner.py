@@ -77,7 +77,7 @@ def train(model: nn.Module, data: Split, epochs: float, lr: float, desc: str, ba
     gen = torch.Generator().manual_seed(0)
     model.train()
     perm = torch.randperm(len(x), generator=gen)
-    bar = tqdm(range(total), desc=desc, unit="step", leave=False)
+    bar = tqdm(range(total), desc=desc, unit="step", leave=False, disable=None)
     for step in bar:
         i = (step % steps_per_epoch) * batch_size
         if i == 0 and step:
@@ -105,7 +105,7 @@ def engine_latency(engine: ModelSpeedup, batch: torch.Tensor, runs: int, desc: s
     """Median seconds of ``engine.inference(batch)`` after warm-up."""
     for _ in range(3):
         engine.inference(batch)
-    times = [engine.inference(batch)[1] for _ in tqdm(range(runs), desc=desc, unit="run", leave=False)]
+    times = [engine.inference(batch)[1] for _ in tqdm(range(runs), desc=desc, unit="run", leave=False, disable=None)]
     return statistics.median(times)
 
 
@@ -153,7 +153,7 @@ def run_example(spec: ExampleSpec, args: argparse.Namespace, train_data: Split, 
             latency = engine_latency(engine, timing_batch, runs, f"time {label}")
             accuracy = engine_accuracy(engine, test_data, args.batch_size)
             report = engine.precision_report()
-            row = {"strategy": strategy, "path": path,
+            row = {"strategy": strategy, "path": path, "backend": engine.backend_name,
                    "avg_bits": round(average_bits(model, report), 2),
                    "latency_ms": latency * 1e3, "accuracy": accuracy,
                    "onnx_bytes": onnx_file.stat().st_size if onnx_file.exists() else None,
@@ -165,7 +165,7 @@ def run_example(spec: ExampleSpec, args: argparse.Namespace, train_data: Split, 
             tqdm.write(f"{label}: {accuracy:.2f}% in {latency * 1e3:.2f} ms per batch of {args.batch_size}")
     for row in rows:
         row["speedup"] = fp32_row["latency_ms"] / row["latency_ms"]
-    document = {"example": spec.name, "backend": rows[0].get("backend", args.backend), "batch_size": args.batch_size,
+    document = {"example": spec.name, "backend": rows[0]["backend"], "batch_size": args.batch_size,
                 "fp32_torch_accuracy": fp32_torch_acc, "quick": bool(args.quick), "rows": rows}
     atomic_write(out_dir / "results.json", json.dumps(document, indent=1))
     print(results_table(rows, args.batch_size))
@@ -207,7 +207,7 @@ def _build(spec: ExampleSpec, args: argparse.Namespace, model: nn.Module, strate
         quantizer = ObserverQuantizer(work, config_list)
         work.eval()
         with torch.no_grad():
-            for batch in tqdm(calib_loader, desc=f"calibrate {strategy}", leave=False):
+            for batch in tqdm(calib_loader, desc=f"calibrate {strategy}", leave=False, disable=None):
                 work(batch)
         quantizer.compress()
         calibration = quantizer.export_model(None, calib_path)
