@@ -10,6 +10,8 @@ import zipfile
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from .compressor.calibration import CalibrationConfig, CalibrationError, load_calibration_config
 from .compressor.fake_quant import is_integer_bits, qparams_from_range
@@ -50,21 +52,34 @@ def calibration_table(config: CalibrationConfig) -> str:
     return format_table(["layer", "type", "weight", "input", "output"], rows)
 
 
+def engine_table(path: str) -> str:
+    """Header and per-layer table of a saved engine: calibration cells plus requested vs actual precision."""
+    from .speedup.engine_file import read_engine_file
+    meta, payload = read_engine_file(path)
+    calibration = meta.get("calibration") or {}
+    rows = []
+    for r in meta.get("precision_report", []):
+        entry = calibration.get(r["layer"], {})
+        rows.append([r["layer"], _weight_cell(entry), _activation_cell(entry, "input"), _activation_cell(entry, "output"),
+                     r["requested"], r["actual"], r.get("reason", "")])
+    head = (f"{meta['backend']} {meta['backend_version']} engine {path} ({len(payload) / 1024:.0f} KB), "
+            f"inputs {meta['input_names']} {meta['input_shapes']}, outputs {meta['output_names']}")
+    return head + "\n" + format_table(["layer", "weight", "input", "output", "requested", "actual", "reason"], rows)
+
+
 def _inspect(path: str) -> str:
     if zipfile.is_zipfile(path):
-        from .speedup.engine_file import describe_engine_file
-        return describe_engine_file(path)
+        return engine_table(path)
     return f"calibration config {path}\n" + calibration_table(load_calibration_config(path))
 
 
 def _bench(path: str, batch_size: int, runs: int, warmup: int) -> str:
     from .speedup import ModelSpeedup
     engine = ModelSpeedup.load_quantized_model(path)
-    shape = (batch_size,) + tuple(engine.input_shape[1:])
-    data = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    import torch
-    from tqdm import tqdm
-    x = torch.from_numpy(data)
+    rng = np.random.default_rng(0)
+    x = tuple(torch.from_numpy(rng.standard_normal((batch_size,) + tuple(s[1:])).astype(np.float32))
+              for s in engine.input_shapes)
+    x = x[0] if len(x) == 1 else x
     for _ in range(warmup):
         engine.inference(x)
     times = []
@@ -102,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.batch_size < 1 or args.runs < 1:
                 raise ValueError("--batch-size and --runs must be positive")
             print(_bench(args.engine, args.batch_size, args.runs, args.warmup))
-    except (OSError, ValueError, CalibrationError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RuntimeError, CalibrationError, json.JSONDecodeError) as exc:
         print(f"mixq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
