@@ -2,5 +2,6 @@
 from .naive import NaiveQuantizer
 from .observer import ObserverQuantizer
 from .qat import QAT_Quantizer
+from .reconstruction import ReconstructionQuantizer
 
-__all__ = ["QAT_Quantizer", "NaiveQuantizer", "ObserverQuantizer"]
+__all__ = ["QAT_Quantizer", "NaiveQuantizer", "ObserverQuantizer", "ReconstructionQuantizer"]

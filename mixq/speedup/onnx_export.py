@@ -103,6 +103,25 @@ def fold_batchnorms(model: nn.Module, pairs: Mapping[str, str]) -> Dict[str, Fol
     return folded
 
 
+class ChannelAffine(nn.Module):
+    """An eval-mode BatchNorm as ``x * factor + shift`` per channel (axis 1).
+
+    Unfolded BatchNorms that follow a conv are exported in this form, because both exporters
+    would otherwise fuse them into the conv, merging a quantized tensor away.
+    """
+
+    def __init__(self, bn: nn.Module) -> None:
+        super().__init__()
+        factor = bn_factor(bn)
+        beta = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
+        self.register_buffer("factor", factor.clone())
+        self.register_buffer("shift", (beta - bn.running_mean * factor).detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return x * self.factor.reshape(shape) + self.shift.reshape(shape)
+
+
 @contextlib.contextmanager
 def quiet_export() -> Iterator[None]:
     """Silence exporter warnings and progress logs the user cannot act on."""
@@ -181,9 +200,10 @@ def _ensure_node_names(model: onnx.ModelProto) -> None:
 
 
 def export_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], fold: Mapping[str, str],
-                exporter: str = DEFAULT_EXPORTER) -> ExportedModel:
+                exporter: str = DEFAULT_EXPORTER, keep: Sequence[str] = ()) -> ExportedModel:
     """Export a float, eval-mode deep copy of ``model`` to ONNX with a dynamic batch axis on
-    every input and output, after folding ``fold[conv] = bn`` pairs in torch.
+    every input and output, after folding ``fold[conv] = bn`` pairs in torch. The BatchNorms
+    named in ``keep`` stay separate nodes (see :class:`ChannelAffine`).
 
     ``model`` itself is not modified. Inputs are named ``input`` / ``input_<i>``, outputs
     ``output`` / ``output_<i>``.
@@ -194,6 +214,8 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], fold: 
     for p in clone.parameters():
         p.requires_grad_(False)
     folded = fold_batchnorms(clone, fold)
+    for bn_name in keep:
+        set_submodule(clone, bn_name, ChannelAffine(clone.get_submodule(bn_name)))
     inputs = tuple(t.detach().cpu().float() for t in example_inputs)
     input_names = io_names(len(inputs), "input")
     output_names = io_names(_run_outputs(clone, inputs), "output")

@@ -36,7 +36,7 @@ from ..compressor.calibration import CalibrationConfig
 from ..compressor.fake_quant import (FP16_BITS, is_integer_bits, is_per_channel, is_symmetric, qparams_from_range,
                                      quant_range, quantize)
 from .module_map import ModuleCall
-from .onnx_export import FoldedBatchNorm
+from .onnx_export import FoldedBatchNorm, bn_factor, weight_axis
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ GRID_PRESERVING = {"Relu", "Clip", "MaxPool", "Reshape", "Flatten", "Squeeze", "
 # ops a backend can run on integers when inputs and output are quantized
 INTEGER_CAPABLE = {"Conv", "Gemm", "MatMul", "Add", "Mul", "GlobalAveragePool", "AveragePool", "Concat",
                    "LeakyRelu", "Sigmoid", "Softmax"}
+# integer kernels that may return float (QGemm, MatMulIntegerToFloat): no output range needed
+FLOAT_OUTPUT_OK = {"Gemm", "MatMul"}
 # grid-preserving ops that backends run on integers only between equal Q/DQ pairs
 _REQUANT_AFTER = {"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"}
 
@@ -142,7 +144,7 @@ class PrecisionPlan:
     fp16_nodes: Set[str] = field(default_factory=set)
     weights: Dict[str, WeightQuant] = field(default_factory=dict)
     layers: Dict[str, LayerPlan] = field(default_factory=dict)
-    notes: Dict[str, str] = field(default_factory=dict)
+    notes: Dict[str, str] = field(default_factory=dict)  # node -> why its output has no range
 
     def layer_nodes(self) -> Dict[str, List[str]]:
         return {name: list(layer.nodes) for name, layer in self.layers.items()}
@@ -177,12 +179,12 @@ def weight_codes(weight: torch.Tensor, entry: Mapping[str, Any], layer: str,
     ref = weight
     config_folded = entry.get("folded_bn") is not None
     if config_folded:
-        if bn is None or bn.bn != entry["folded_bn"]:
+        if bn is None or entry["folded_bn"] not in (bn.bn, f"{bn.bn}.module"):  # or the inner module of a wrapped BN
             raise FoldError(f"layer {layer!r}: the calibration folded BatchNorm {entry['folded_bn']!r}, which does "
                             "not directly follow it in this model")
         ref = weight * bn.factor.reshape(_channel_shape(weight, bn.axis))
     codes = quantize(ref, scales, zps, qmin, qmax, axis)
-    _check_codes(ref, codes, scales, zps, qmin, qmax, axis, layer)
+    _check_codes(ref, codes, scales, zps, qmin, qmax, axis, layer, is_symmetric(scheme))
     if config_folded != fold_at_export:
         f = bn.factor.float()
         if axis is None:  # one scale becomes one per channel: s * |f_c|
@@ -204,16 +206,22 @@ def weight_codes(weight: torch.Tensor, entry: Mapping[str, Any], layer: str,
 
 
 def _check_codes(ref: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, qmin: int,
-                 qmax: int, axis: Optional[int], layer: str) -> None:
-    shape = _channel_shape(ref, axis) if axis is not None else [1]
-    s = scales.reshape(shape)
-    real = (codes - zps.reshape(shape)) * s
-    inside = (codes > qmin) & (codes < qmax)
-    err = ((real - ref).abs() / s)[inside]
-    if err.numel() and float(err.max()) > 0.5 + 1e-3:
+                 qmax: int, axis: Optional[int], layer: str, symmetric: bool) -> None:
+    """The scales must belong to this weight: every observer picks a grid inside the weight's
+    own range (widened to 0, within a step), and clamps only a minority of the values."""
+    rows = ref.transpose(0, axis).reshape(ref.shape[axis], -1) if axis is not None else ref.reshape(1, -1)
+    lo = torch.clamp(rows.min(dim=1).values, max=0.0)
+    hi = torch.clamp(rows.max(dim=1).values, min=0.0)
+    if symmetric:
+        hi = torch.maximum(hi, -lo)
+        lo = -hi
+    grid_lo, grid_hi = (qmin - zps) * scales, (qmax - zps) * scales
+    too_wide = (grid_hi > hi + 1.01 * scales) | (grid_lo < lo - 1.01 * scales)
+    clamped = float(((codes <= qmin) | (codes >= qmax)).float().mean())
+    if bool(too_wide.any()) or clamped > 0.5:
         raise ValueError(f"the calibration config of layer {layer!r} does not match the model's weights "
-                         f"(off by {float(err.max()):.1f} quantization steps): pass the model the calibration "
-                         "was exported from")
+                         f"({'scales wider than the weights' if bool(too_wide.any()) else f'{clamped:.0%} of them clamp'}): "
+                         "pass the model the calibration was exported from")
 
 
 def onnx_weight_quant(codes: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, axis: Optional[int],
@@ -234,8 +242,6 @@ def choose_folds(model: nn.Module, pairs: Mapping[str, str], config: Calibration
     """The Conv -> BN pairs that can be folded consistently with the calibration: not when the
     conv's output or the BN's input is quantized (that sits between the two), nor when the
     integer weights would not survive folding."""
-    from .onnx_export import bn_factor, weight_axis
-
     folds = {}
     for conv_name, bn_name in pairs.items():
         conv_entry, bn_entry = config.get(conv_name, {}), config.get(bn_name, {})
@@ -313,7 +319,6 @@ class LayerSpec:
 
     name: str
     entry: Dict[str, Any]
-    extra: bool = False
 
     def bits(self, qtype: str) -> Optional[int]:
         return self.entry.get(f"{qtype}_bits")
@@ -518,7 +523,7 @@ class _Planner:
             elif any(self.view_grid(i, node.name) is None for i in data_inputs):
                 layer.note = ("its input is not quantized: add 'input' to its quant_types or quantize the "
                               "output of the layer before it")
-            elif node.name in self.plan.notes:
+            elif node.name in self.plan.notes and node.op_type not in FLOAT_OUTPUT_OK:
                 layer.note = self.plan.notes[node.name] + "; quantize the output of this layer (or of the BatchNorm " \
                                                           "folded into it) to run it as an integer kernel"
 
@@ -538,7 +543,7 @@ def build_plan(model: onnx.ModelProto, calls: Mapping[str, List[ModuleCall]], fo
     if extra_layer_bits == FP16_BITS:
         for name in extra_layers:
             planner.add_layer(LayerSpec(name, {"type": type(torch_model.get_submodule(name)).__name__,
-                                               "weight_bits": 16}, extra=True))
+                                               "weight_bits": 16}))
     planner.derive()
     planner.simplify()
     planner.explain()

@@ -1,0 +1,351 @@
+"""ONNX Runtime backend (CPU provider): integer kernels from the annotated QDQ graph.
+
+ONNX Runtime's x86 integer kernels want u8 activations, s8 symmetric weights and int32 bias,
+with a QuantizeLinear after every Conv/Gemm/MatMul. The backend refines the annotated graph
+without changing what it computes:
+
+* activation Q/DQ pairs are re-encoded from int8 to uint8 (zero point + 128: the same grid);
+* a ReLU (or a Clip acting as one) between a DQ and a Q becomes LeakyRelu(alpha=0), which
+  ONNX Runtime runs as an integer lookup table (QLinearLeakyRelu) instead of in float;
+* fp16 layers run in fp32 (the CPU provider has no fp16 kernels): Casts become Identity and
+  fp16 weights are widened (exactly).
+
+The session runs with an explicit thread count and thread-pool spinning disabled. The
+optimized graph ONNX Runtime actually runs (``optimized_model_filepath``) is read back to
+report, per node, whether it became an integer kernel or stayed float.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .base import Backend, BackendUnavailable, BuildOptions, Engine
+
+logger = logging.getLogger(__name__)
+
+INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
+                   "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearLeakyRelu",
+                   "QLinearSigmoid", "QLinearSoftmax", "QLinearConcat", "QLinearWhere", "DynamicQuantizeMatMul"}
+_OUTPUT_ZERO_POINT = {"QLinearConv": 7, "QGemm": 8, "QLinearConcat": 1, "DynamicQuantizeMatMul": 99}
+_INT_TYPES = {TensorProto.UINT8, TensorProto.INT8}
+_ANNOTATION_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "Constant", "Identity"}
+ABSORBED_KEY = "mixq.onnxruntime.absorbed_relus"
+FP16_REASON = "ONNX Runtime's CPU provider has no fp16 kernels; the layer runs in fp32"
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendUnavailable(f"ONNX Runtime is not installed ({exc}); pip install onnxruntime") from None
+    return onnxruntime
+
+
+# ---------------------------------------------------------------------------------------------
+# Refining the annotated graph for ONNX Runtime
+# ---------------------------------------------------------------------------------------------
+
+class _Refiner:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(model)
+        graph = self.model.graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.constants = dict(self.inits)
+        for n in graph.node:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+                self.constants[n.output[0]] = n.attribute[0].t
+        self.graph_outputs = {o.name for o in graph.output}
+        self.u8_zero_points: Dict[str, str] = {}
+        self.absorbed: set = set()
+        self._index()
+
+    def _index(self) -> None:
+        graph = self.model.graph
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers: Dict[str, List[onnx.NodeProto]] = defaultdict(list)
+        for n in graph.node:
+            for i in n.input:
+                self.consumers[i].append(n)
+
+    def _u8(self, zp_name: str) -> str:
+        if zp_name not in self.u8_zero_points:
+            t = self.inits[zp_name]
+            value = numpy_helper.to_array(t).astype(np.int16) + 128
+            name = f"{zp_name}.u8"
+            tensor = numpy_helper.from_array(value.astype(np.uint8), name)
+            self.model.graph.initializer.append(tensor)
+            self.inits[name] = tensor
+            self.u8_zero_points[zp_name] = name
+        return self.u8_zero_points[zp_name]
+
+    def _is_int8(self, name: str) -> bool:
+        t = self.inits.get(name)
+        return t is not None and t.data_type == TensorProto.INT8
+
+    def activations_to_u8(self) -> None:
+        for node in self.model.graph.node:
+            activation = node.op_type == "QuantizeLinear" or (
+                node.op_type == "DequantizeLinear" and node.input[0] not in self.inits)
+            if activation and len(node.input) > 2 and self._is_int8(node.input[2]):
+                node.input[2] = self._u8(node.input[2])
+
+    def _grid(self, node: onnx.NodeProto):
+        scale = float(numpy_helper.to_array(self.inits[node.input[1]]))
+        zp = int(numpy_helper.to_array(self.inits[node.input[2]]))
+        return scale, zp
+
+    def _relu_between(self, node: onnx.NodeProto, zp: int, scale: float) -> bool:
+        """True for a Relu, or a Clip acting as one on a u8 grid (lower bound 0, upper beyond it)."""
+        if node.op_type == "Relu":
+            return True
+        return node.op_type == "Clip" and self._clip_is_relu(node, scale, zp)
+
+    def _dq_op_q(self, node: onnx.NodeProto):
+        """(DQ before, Q after) when ``node`` sits alone between a DequantizeLinear and a QuantizeLinear."""
+        dq = self.producer.get(node.input[0])
+        readers = self.consumers.get(node.output[0], [])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(readers) != 1 \
+                or readers[0].op_type != "QuantizeLinear" or node.output[0] in self.graph_outputs:
+            return None
+        return dq, readers[0]
+
+    def drop_identity_requantization(self) -> None:
+        """Bypass DQ -> [ReLU] -> Q chains that give back the very codes they read: equal
+        grids, and a ReLU only where the grid has no negative values (u8 zero point 0)."""
+        for node in list(self.model.graph.node):
+            if node.op_type not in ("Relu", "Clip"):
+                continue
+            pair = self._dq_op_q(node)
+            if pair is None:
+                continue
+            dq, q = pair
+            grid = self._grid(dq)
+            if grid != self._grid(q) or grid[1] != 0 or not self._relu_between(node, grid[1], grid[0]):
+                continue
+            for reader in self.consumers.get(q.output[0], []):
+                for i, name in enumerate(reader.input):
+                    if name == q.output[0]:
+                        reader.input[i] = dq.input[0]
+            self.absorbed.add(node.name)
+        self._prune()
+
+    def _prune(self) -> None:
+        graph = self.model.graph
+        while True:
+            used = {i for n in graph.node for i in n.input} | self.graph_outputs
+            keep = [n for n in graph.node if any(o in used for o in n.output)]
+            if len(keep) == len(graph.node):
+                break
+            del graph.node[:]
+            graph.node.extend(keep)
+        self._index()
+
+    def relu_to_lookup(self) -> None:
+        """ReLU between a DQ and a Q -> LeakyRelu(alpha=0): an integer lookup table in ONNX Runtime."""
+        for node in self.model.graph.node:
+            if node.op_type not in ("Relu", "Clip"):
+                continue
+            pair = self._dq_op_q(node)
+            if pair is None:
+                continue
+            scale, zp = self._grid(pair[0])
+            if not self._relu_between(node, zp, scale):
+                continue
+            node.op_type = "LeakyRelu"
+            del node.input[1:]
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute("alpha", 0.0))
+
+    def _clip_is_relu(self, node: onnx.NodeProto, scale: float, zp: int) -> bool:
+        bounds = [None, None]
+        for i, name in enumerate(node.input[1:3]):
+            if name:
+                if name not in self.constants:
+                    return False
+                bounds[i] = float(numpy_helper.to_array(self.constants[name]))
+        lo, hi = bounds
+        return lo == 0.0 and (hi is None or hi >= (255 - zp) * scale)
+
+    def fp16_to_fp32(self) -> None:
+        for node in self.model.graph.node:
+            if node.op_type == "Cast":
+                node.op_type = "Identity"
+                del node.attribute[:]
+        for t in self.model.graph.initializer:
+            if t.data_type == TensorProto.FLOAT16:
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+
+    def prune_initializers(self) -> None:
+        graph = self.model.graph
+        used = {i for n in graph.node for i in n.input} | self.graph_outputs
+        keep = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+
+    def run(self) -> Tuple[onnx.ModelProto, List[str]]:
+        self.activations_to_u8()
+        self.drop_identity_requantization()
+        self.relu_to_lookup()
+        self.fp16_to_fp32()
+        self.prune_initializers()
+        return self.model, sorted(self.absorbed)
+
+
+def refine_for_onnxruntime(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, List[str]]:
+    """The annotated graph re-encoded for ONNX Runtime's CPU integer kernels (same values), and
+    the ReLU nodes it removed because the quantized tensor before them is already non-negative."""
+    return _Refiner(model).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the optimized graph
+# ---------------------------------------------------------------------------------------------
+
+def _tensor_types(model: onnx.ModelProto) -> Dict[str, int]:
+    """Element type of every tensor, propagated through the node kinds an optimized graph holds
+    (ONNX Runtime does not store value_info for its own contrib operators)."""
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    for vi in list(model.graph.input) + list(model.graph.value_info):
+        types[vi.name] = vi.type.tensor_type.elem_type
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            out = types.get(node.input[2], TensorProto.UINT8) if len(node.input) > 2 else TensorProto.UINT8
+        elif node.op_type in ("DequantizeLinear", "MatMulIntegerToFloat"):
+            out = TensorProto.FLOAT
+        elif node.op_type == "Cast":
+            out = next(a.i for a in node.attribute if a.name == "to")
+        elif node.op_type in INTEGER_KERNELS:
+            index = _OUTPUT_ZERO_POINT.get(node.op_type, len(node.input) - 1)
+            zp = node.input[index] if index < len(node.input) else ""
+            out = types.get(zp, TensorProto.FLOAT) if zp else TensorProto.FLOAT
+        elif node.op_type in ("ConvInteger", "MatMulInteger"):
+            out = TensorProto.INT32
+        else:
+            out = types.get(node.input[0], TensorProto.FLOAT) if node.input else TensorProto.FLOAT
+        for name in node.output:
+            types.setdefault(name, out)
+    return types
+
+
+def node_precisions_from_optimized(refined: onnx.ModelProto, optimized: onnx.ModelProto) -> Dict[str, str]:
+    """Per compute node of ``refined`` (by name): 'int8' if ONNX Runtime runs it as (part of) an
+    integer kernel in ``optimized``, else 'fp32'.
+
+    A node with quantized weights is integer when the optimized node that reads its int8 weight
+    initializer is an integer kernel (a DequantizeLinear still reading it means float). Other
+    nodes are integer when they survive under their name with integer inputs, or when they are
+    gone together with the QuantizeLinear after them (fused into an integer kernel).
+    """
+    opt_nodes = {n.name: n for n in optimized.graph.node}
+    opt_readers: Dict[str, List[onnx.NodeProto]] = defaultdict(list)
+    for n in optimized.graph.node:
+        for i in n.input:
+            opt_readers[i].append(n)
+    types = _tensor_types(optimized)
+    inits = {t.name for t in refined.graph.initializer}
+    producer = {o: n for n in refined.graph.node for o in n.output}
+    readers: Dict[str, List[onnx.NodeProto]] = defaultdict(list)
+    for n in refined.graph.node:
+        for i in n.input:
+            readers[i].append(n)
+
+    def weight_initializer(node: onnx.NodeProto) -> Optional[str]:
+        if len(node.input) < 2:
+            return None
+        dq = producer.get(node.input[1])
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+            return dq.input[0]
+        return None
+
+    result = {}
+    for node in refined.graph.node:
+        if node.op_type in _ANNOTATION_OPS:
+            continue
+        weight = weight_initializer(node)
+        if weight is not None and opt_readers.get(weight):
+            kinds = {r.op_type for r in opt_readers[weight]}
+            result[node.name] = "int8" if kinds & INTEGER_KERNELS else "fp32"
+            continue
+        kept = opt_nodes.get(node.name)
+        if kept is not None:
+            integer = kept.op_type in INTEGER_KERNELS or types.get(kept.input[0]) in _INT_TYPES if kept.input else False
+            result[node.name] = "int8" if integer else "fp32"
+            continue
+        q_after = [r for r in readers.get(node.output[0], []) if r.op_type == "QuantizeLinear"] if node.output else []
+        fused = bool(q_after) and all(q.name not in opt_nodes for q in q_after)
+        result[node.name] = "int8" if fused else "fp32"
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine and backend
+# ---------------------------------------------------------------------------------------------
+
+class OnnxRuntimeEngine(Engine):
+    """An ONNX Runtime inference session over the refined annotated graph."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, model_bytes: bytes, options: BuildOptions) -> None:
+        ort = _import_ort()
+        self._bytes = model_bytes
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(options.num_threads)
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        so.log_severity_level = 3  # the optimized-model dump warns about hardware-specific nodes
+        with tempfile.TemporaryDirectory(prefix="mixq-ort-") as tmp:
+            so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+            self.session = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+            optimized = onnx.load(so.optimized_model_filepath)
+        refined = onnx.load_from_string(model_bytes)
+        self._precisions = node_precisions_from_optimized(refined, optimized)
+        props = {p.key: p.value for p in refined.metadata_props}
+        for name in json.loads(props.get(ABSORBED_KEY, "[]")):
+            self._precisions[name] = "int8"  # a ReLU folded into the integer kernel before it
+        self.optimized_op_types = sorted({n.op_type for n in optimized.graph.node})
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+        return self.session.run(self.output_names, dict(zip(self.input_names, inputs)))
+
+    def serialize(self) -> bytes:
+        return self._bytes
+
+    def node_precisions(self) -> Dict[str, str]:
+        return dict(self._precisions)
+
+
+class OnnxRuntimeBackend(Backend):
+    """Builds :class:`OnnxRuntimeEngine` s on the CPU execution provider."""
+
+    name = "onnxruntime"
+    fp16_reason = FP16_REASON
+
+    def check_available(self) -> None:
+        _import_ort()
+
+    def version(self) -> str:
+        return str(_import_ort().__version__)
+
+    def build(self, model: onnx.ModelProto, options: BuildOptions) -> OnnxRuntimeEngine:
+        refined, absorbed = refine_for_onnxruntime(model)
+        helper.set_model_props(refined, {**{p.key: p.value for p in refined.metadata_props},
+                                         ABSORBED_KEY: json.dumps(absorbed)})
+        return OnnxRuntimeEngine(refined.SerializeToString(), options)
+
+    def deserialize(self, payload: bytes, options: BuildOptions) -> OnnxRuntimeEngine:
+        return OnnxRuntimeEngine(payload, options)

@@ -1,0 +1,103 @@
+"""layer_sensitivity and auto_mixed_precision on the CIFAR ResNet-20 checkpoint.
+
+W4A4 round-to-nearest (ObserverQuantizer) is used because it loses a few points, so the
+sensitivity ordering and the accuracy goal are meaningful; 512 calibration images, accuracy
+on the first N_TEST test images.
+"""
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixq.compressor import (QuantizerModuleWrapper, auto_mixed_precision, format_sensitivity_table, layer_costs,
+                             layer_sensitivity)
+from mixq.datasets import load_cifar10
+from mixq.models import accuracy, resnet20_cifar
+from mixq.quantizers import ObserverQuantizer
+
+CHECKPOINT = Path(__file__).resolve().parent / "data" / "resnet20_cifar.pt"
+N_TEST = 1000
+N_CALIB = 512
+W4A4 = [{"quant_types": ["weight", "input"], "quant_bits": 4, "op_types": ["Conv2d", "Linear"],
+         "quant_scheme": {"weight": "per_channel_symmetric", "input": "per_tensor_affine"},
+         "quant_dtype": {"weight": "int", "input": "uint"}, "observer": {"weight": "mse", "input": "mse"}}]
+
+
+@pytest.fixture(scope="module")
+def setup(cifar_root):
+    (xtr, _), (xte, yte) = load_cifar10(cifar_root)
+    model = resnet20_cifar()
+    model.load_state_dict(torch.load(CHECKPOINT, weights_only=True))
+    return model.eval(), xtr[:N_CALIB], xte[:N_TEST], yte[:N_TEST]
+
+
+def _ptq(model, config, calib):
+    """Independent reference: ObserverQuantizer on a copy with ``config``."""
+    clone = copy.deepcopy(model)
+    quantizer = ObserverQuantizer(clone, config)
+    with torch.no_grad():
+        clone(calib)
+    quantizer.compress()
+    return clone
+
+
+@pytest.fixture(scope="module")
+def table(setup):
+    model, calib, _, _ = setup
+    before = copy.deepcopy(model.state_dict())
+    rows = layer_sensitivity(model, W4A4, calib)
+    assert not any(isinstance(m, QuantizerModuleWrapper) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    return rows
+
+
+def test_sensitivity_table_is_sorted_and_matches_single_layer_ptq(setup, table):
+    model, calib, _, _ = setup
+    convs = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert sorted(r.name for r in table) == sorted(convs)
+    assert [r.sqnr_db for r in table] == sorted(r.sqnr_db for r in table)
+    assert all(math.isfinite(r.sqnr_db) and r.kl >= 0 for r in table)
+    print("\n" + format_sensitivity_table(table))
+    with torch.no_grad():
+        reference = model(calib)
+    for row in (table[0], table[-1]):  # the one-calibration shortcut equals quantizing that layer alone
+        alone = _ptq(model, [dict(W4A4[0], op_names=[row.name])], calib)
+        with torch.no_grad():
+            noise = (alone(calib) - reference).pow(2).sum()
+        assert row.sqnr_db == pytest.approx(10 * math.log10(reference.pow(2).sum() / noise), abs=0.05)
+
+
+def test_max_drop_goal_is_met_by_the_returned_config(setup, table):
+    model, calib, x, y = setup
+    fp32 = accuracy(model, x, y)
+    uniform = accuracy(_ptq(model, W4A4, calib), x, y)
+    assert fp32 - uniform > 1.0, "W4A4 must lose more than the goal for this test to mean something"
+    config = auto_mixed_precision(model, W4A4, calib, lambda m: accuracy(m, x, y), max_drop=1.0, sensitivity=table)
+    kept = config[-1]["op_names"]
+    assert config[:-1] == W4A4 and config[-1]["exclude"] is True
+    assert 0 < len(kept) < len(table)
+    assert accuracy(_ptq(model, config, calib), x, y) >= fp32 - 1.0
+
+
+def test_budget_goal_keeps_cost_and_improves_accuracy(setup, table):
+    model, calib, x, y = setup
+    config = auto_mixed_precision(model, W4A4, calib, budget=1.25, cost="latency", sensitivity=table)
+    kept = set(config[-1]["op_names"])
+    costs = layer_costs(model, [r.name for r in table], calib, "latency")
+    uniform = sum(q for q, _ in costs.values())
+    mixed = sum(f if n in kept else q for n, (q, f) in costs.items())
+    assert uniform < mixed <= 1.25 * uniform
+    assert accuracy(_ptq(model, config, calib), x, y) > accuracy(_ptq(model, W4A4, calib), x, y)
+
+
+@pytest.mark.parametrize("goal, message", [
+    ({}, "exactly one goal"),
+    ({"max_drop": 1.0, "budget": 1.2}, "exactly one goal"),
+    ({"max_drop": 1.0}, "max_drop needs eval_fn"),
+    ({"budget": 0.9}, "must be >= 1"),
+])
+def test_goal_errors(goal, message):
+    with pytest.raises(ValueError, match=message):
+        auto_mixed_precision(resnet20_cifar(), W4A4, torch.randn(4, 3, 32, 32), **goal)
