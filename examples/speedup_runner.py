@@ -101,12 +101,17 @@ def engine_accuracy(engine: ModelSpeedup, data: Split, batch_size: int) -> float
     return 100.0 * correct / len(x)
 
 
-def engine_latency(engine: ModelSpeedup, batch: torch.Tensor, runs: int, desc: str) -> float:
-    """Median seconds of ``engine.inference(batch)`` after warm-up."""
-    for _ in range(3):
-        engine.inference(batch)
-    times = [engine.inference(batch)[1] for _ in tqdm(range(runs), desc=desc, unit="run", leave=False, disable=None)]
-    return statistics.median(times)
+def interleaved_latency(engines: Dict[str, ModelSpeedup], batch: torch.Tensor, runs: int) -> Dict[str, float]:
+    """Median milliseconds of ``inference(batch)`` per engine, timed round-robin after warm-up so
+    that load from other processes on a shared machine falls on every engine alike."""
+    for engine in engines.values():
+        for _ in range(3):
+            engine.inference(batch)
+    times: Dict[str, List[float]] = {label: [] for label in engines}
+    for _ in tqdm(range(runs), desc="timing engines", unit="round", leave=False, disable=None):
+        for label, engine in engines.items():
+            times[label].append(engine.inference(batch)[1])
+    return {label: statistics.median(t) * 1e3 for label, t in times.items()}
 
 
 BITS = {"int8": 8, "fp16": 16, "fp32": 32}
@@ -140,29 +145,29 @@ def run_example(spec: ExampleSpec, args: argparse.Namespace, train_data: Split, 
         timing_batch = timing_batch.repeat((args.batch_size + len(timing_batch) - 1) // len(timing_batch), 1, 1, 1)
         timing_batch = timing_batch[: args.batch_size]
     rows: List[dict] = []
-    fp32_row: Optional[dict] = None
+    engines = {}
     for strategy in STRATEGIES:
         for path in PATHS:
             label = f"{strategy}/{path}"
-            if strategy == "fp32" and fp32_row is not None:
-                rows.append(dict(fp32_row, path=path))
+            if strategy == "fp32" and engines:
+                rows.append(dict(rows[0], path=path))
                 continue
             engine = _build(spec, args, model, strategy, path, train_data, calib_loader, qat_steps, out_dir)
             onnx_file = out_dir / f"{spec.name}_{strategy}_{path}.onnx"
             engine.export_quantized_model(str(out_dir / f"{spec.name}_{strategy}_{path}.mixq"))
-            latency = engine_latency(engine, timing_batch, runs, f"time {label}")
             accuracy = engine_accuracy(engine, test_data, args.batch_size)
             report = engine.precision_report()
-            row = {"strategy": strategy, "path": path, "backend": engine.backend_name,
-                   "avg_bits": round(average_bits(model, report), 2),
-                   "latency_ms": latency * 1e3, "accuracy": accuracy,
-                   "onnx_bytes": onnx_file.stat().st_size if onnx_file.exists() else None,
-                   "precision": {r["layer"]: r["actual"] for r in report},
-                   "mismatches": [r for r in report if r["requested"] != r["actual"]]}
-            rows.append(row)
-            if strategy == "fp32":
-                fp32_row = row
-            tqdm.write(f"{label}: {accuracy:.2f}% in {latency * 1e3:.2f} ms per batch of {args.batch_size}")
+            engines[label] = engine
+            rows.append({"strategy": strategy, "path": path, "backend": engine.backend_name,
+                         "avg_bits": round(average_bits(model, report), 2), "accuracy": accuracy,
+                         "onnx_bytes": onnx_file.stat().st_size if onnx_file.exists() else None,
+                         "precision": {r["layer"]: r["actual"] for r in report},
+                         "mismatches": [r for r in report if r["requested"] != r["actual"]]})
+            tqdm.write(f"{label}: {accuracy:.2f}% accuracy")
+    latencies = interleaved_latency(engines, timing_batch, runs)
+    for row in rows:
+        row["latency_ms"] = latencies["fp32/qat" if row["strategy"] == "fp32" else f"{row['strategy']}/{row['path']}"]
+    fp32_row = rows[0]
     for row in rows:
         row["speedup"] = fp32_row["latency_ms"] / row["latency_ms"]
     document = {"example": spec.name, "backend": rows[0]["backend"], "batch_size": args.batch_size,
