@@ -1,23 +1,25 @@
 """Latency of mixq engines against fp32 and against ONNX Runtime's own int8 quantization.
 
-Builds fp32, mixed-precision and int8 engines of the MNIST model and the CIFAR ResNet-18 on the
-default backend (ONNX Runtime, CPU) and prints one table, measured in one run: latency at
-batch 128 with 2 threads (median of --runs after --warmup runs), speedup against the fp32
-engine and against torch eager fp32, average weight bits and ONNX file size. Every engine is
-timed in its own subprocess (thread-pool spinning is off as well), so no other session's
-threads run beside it; the processes run round-robin --rounds times and each engine keeps its
-lowest median, which damps load from elsewhere on the machine. ONNX Runtime's ``quantize_static`` (u8 activations, per-channel s8
+Builds fp32, mixed-precision and int8 engines of the MNIST model and the CIFAR ResNet-18 on
+the default backend (ONNX Runtime, CPU) and prints one table, measured in one run: latency at
+batch 128 with 2 threads (median of at least --runs runs after --warmup runs; fast engines
+run about a second's worth), speedup against the fp32 engine and against torch eager fp32,
+average weight bits and ONNX file size. Every engine is timed in its own subprocess (with
+thread-pool spinning off), so no other session's threads run beside it; the processes run
+round-robin --rounds times and each engine keeps its lowest median, which damps load from
+elsewhere on the machine. ONNX Runtime's ``quantize_static`` (u8 activations, per-channel s8
 weights) on the same fp32 ResNet-18 graph is timed as the reference.
 
 Weights are random for timing (ResNet-18) or trained for one short epoch (MNIST); calibration
 uses real images (CIFAR-10 from mixq.datasets.shared_data_dir(), else random data, said so).
 
-    python3 benchmarks/speedup.py [--runs 20] [--warmup 5] [--batch 128] [--threads 2]
+    python3 benchmarks/speedup.py [--runs 20] [--warmup 5] [--batch 128] [--threads 2] [--rounds 5]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -97,8 +99,14 @@ def ort_quantize_static(fp32_onnx: str, out_path: str, images: np.ndarray) -> No
         def get_next(self):
             return next(self.batches, None)
 
-    quantize_static(fp32_onnx, out_path, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, per_channel=True)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process: the graph is already BN-folded and shaped
+    try:
+        quantize_static(fp32_onnx, out_path, Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,8 +151,8 @@ def child(kind: str, path: str, shape: List[int], runs: int, warmup: int, thread
             with torch.no_grad():
                 model(x)
             return time.perf_counter() - start
-    for _ in range(warmup):
-        run()
+    warm = [run() for _ in range(warmup)]
+    runs = max(runs, min(1000, int(1.0 / max(min(warm), 1e-6))))  # fast engines: about a second of runs
     times = [run() for _ in range(runs)]
     print(json.dumps({"median_s": float(np.median(times))}))
 
@@ -242,7 +250,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="round-robin repetitions of every engine's process")
+    parser.add_argument("--rounds", type=int, default=5, help="round-robin repetitions of every engine's process")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "PATH", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -269,7 +277,7 @@ def main() -> None:
         for i in range(0, len(calib), 128):
             resnet(calib[i:i + 128])
         resnet.eval()
-    print(f"# batch {args.batch}, {args.threads} threads, median of {args.runs} runs after {args.warmup}, lowest of "
+    print(f"# batch {args.batch}, {args.threads} threads, median of >= {args.runs} runs after {args.warmup}, lowest of "
           f"{args.rounds} round-robin rounds; each engine in its own process; ResNet-18 calibrated on {source}; activations u8 affine, "
           "weights s8 per-channel symmetric (as ONNX Runtime's quantize_static)")
     rows = []

@@ -110,6 +110,22 @@ def test_mixed_precision_is_exactly_the_config(_trained_mnist, mnist):
     torch.testing.assert_close(out, reference, atol=0.01 * reference.abs().max().item(), rtol=0)
 
 
+def test_fp32_layer_between_quantized_tensors_stays_fp32(_trained_mnist, mnist):
+    """ONNX Runtime would quantize the float weights of a conv between a DQ and a Q on its own."""
+    model, _ = _trained_mnist
+    (xtr, _), (xte, _) = mnist
+    config_list = NNI_MNIST_CONFIG + [{"exclude": True, "op_names": ["conv2"]}]
+    wrapped, config, _ = calibrated(model, config_list, xtr[:1000])
+    engine = ModelSpeedup(wrapped, (64, 1, 28, 28), config=config, num_threads=2)
+    engine.compress()
+    conv2 = next(n for n in engine.annotated_model.graph.node if n.name.startswith("/conv2/"))
+    assert engine._engine.node_precisions()[conv2.name] == "fp32"
+    out, _ = engine.inference(xte[:500])
+    with torch.no_grad():
+        reference = wrapped(xte[:500])
+    assert (out - reference).abs().max().item() <= 3 * output_step(config, "fc2")
+
+
 def test_low_bit_grids_match_the_simulation(_trained_mnist, mnist):
     model, _ = _trained_mnist
     (xtr, _), (xte, _) = mnist

@@ -53,8 +53,9 @@ _CAPTURE_BATCH = 256
 
 
 def _block_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over each sample's features, averaged over the batch."""
-    return (out - target).pow(2).flatten(1).sum(1).mean()
+    """Squared error summed over channels, averaged over the batch and positions (the scale at which
+    AdaRound's regulariser weight 0.01 is balanced)."""
+    return (out - target).pow(2).sum(1).mean()
 
 
 class ReconstructionQuantizer(Quantizer):
@@ -75,7 +76,9 @@ class ReconstructionQuantizer(Quantizer):
       :meth:`set_activation_bits` (``'high'`` after ``compress()``).
     * ``blocks``: explicit units instead of the automatic ones, e.g.
       ``['layer1.0', ['conv1', 'bn1', 'relu']]`` (a module, or modules run in sequence).
-    * ``weight_lr`` (AdaRound's V, default 1e-3), ``range_lr`` (relative activation range,
+    * ``weight_lr``: Adam learning rate of AdaRound's V; default ``max(1e-3, 4 / iterations)``, so
+      that V can cross the +-2.4 band where the rounding saturates at 0 or 1 within a short budget
+      (Adam moves a parameter about ``lr`` per step). ``range_lr`` (relative activation range,
       default 1e-3), ``round_weight`` (regulariser weight, default 0.01), ``warmup`` (fraction of
       steps before the regulariser starts, default 0.2), ``progress`` (tqdm bar per unit with
       the loss), ``seed``.
@@ -85,7 +88,8 @@ class ReconstructionQuantizer(Quantizer):
                  rounding: str = "adaround", drop_prob: float = 0.5, iterations: int = 2000,
                  num_samples: int = 1024, batch_size: int = 32,
                  activation_bits: Optional[Sequence[int]] = None,
-                 blocks: Optional[Sequence[UnitSpec]] = None, weight_lr: float = 1e-3, range_lr: float = 1e-3,
+                 blocks: Optional[Sequence[UnitSpec]] = None, weight_lr: Optional[float] = None,
+                 range_lr: float = 1e-3,
                  round_weight: float = 0.01, warmup: float = 0.2, progress: bool = True, seed: int = 0) -> None:
         if rounding not in ROUNDINGS:
             raise ConfigError(f"rounding must be one of {list(ROUNDINGS)}, got {rounding!r}")
@@ -104,7 +108,8 @@ class ReconstructionQuantizer(Quantizer):
         super().__init__(model, config_list)
         self.rounding, self.drop_prob, self.iterations = rounding, drop_prob, iterations
         self.batch_size, self.activation_bits = batch_size, activation_bits
-        self.weight_lr, self.range_lr, self.round_weight, self.warmup = weight_lr, range_lr, round_weight, warmup
+        self.weight_lr = weight_lr if weight_lr is not None else max(1e-3, 4.0 / max(iterations, 1))
+        self.range_lr, self.round_weight, self.warmup = range_lr, round_weight, warmup
         self.progress, self.seed = progress, seed
         self.compressed = False
         self.active_level = "high"

@@ -10,7 +10,8 @@ without changing what it computes:
 * fp16 layers run in fp32 (the CPU provider has no fp16 kernels): Casts become Identity and
   fp16 weights are widened (exactly).
 
-The session runs with an explicit thread count and thread-pool spinning disabled. The
+The session runs with an explicit thread count, thread-pool spinning disabled and the ONNX
+Runtime passes that would reinterpret the graph off (see ``DISABLED_OPTIMIZERS``). The
 optimized graph ONNX Runtime actually runs (``optimized_model_filepath``) is read back to
 report, per node, whether it became an integer kernel or stayed float.
 """
@@ -37,6 +38,11 @@ INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloa
 _OUTPUT_ZERO_POINT = {"QLinearConv": 7, "QGemm": 8, "QLinearConcat": 1, "DynamicQuantizeMatMul": 99}
 _INT_TYPES = {TensorProto.UINT8, TensorProto.INT8}
 _ANNOTATION_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "Constant", "Identity"}
+# ONNX Runtime passes that would reinterpret the annotated graph: WeightBiasQuantization
+# quantizes the float weights of a conv that sits between a DQ and a Q (an fp32 layer of a
+# mixed model would silently run int8); Q/DQ propagation moves Qs up through MaxPool onto the
+# slow uint8 NCHW pooling kernel (the plan already placed every pair that is exact).
+DISABLED_OPTIMIZERS = ["WeightBiasQuantization", "QDQPropagationTransformer"]
 ABSORBED_KEY = "mixq.onnxruntime.absorbed_relus"
 FP16_REASON = "ONNX Runtime's CPU provider has no fp16 kernels; the layer runs in fp32"
 
@@ -308,7 +314,8 @@ class OnnxRuntimeEngine(Engine):
         so.log_severity_level = 3  # the optimized-model dump warns about hardware-specific nodes
         with tempfile.TemporaryDirectory(prefix="mixq-ort-") as tmp:
             so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-            self.session = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"],
+                                                disabled_optimizers=DISABLED_OPTIMIZERS)
             optimized = onnx.load(so.optimized_model_filepath)
         refined = onnx.load_from_string(model_bytes)
         self._precisions = node_precisions_from_optimized(refined, optimized)
