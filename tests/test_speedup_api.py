@@ -197,6 +197,8 @@ def test_calibration_file_and_uniform_precisions(int8_engine, small_mnist, tmp_p
     rows = fp16.precision_report()
     assert {r["layer"] for r in rows} == {"conv1", "conv2", "fc1", "fc2"}
     assert all(r["requested"] == "fp16" and r["actual"] == "fp32" and "fp16" in r["reason"] for r in rows)
+    with pytest.raises(ValueError, match="close matches: conv1"):
+        ModelSpeedup(model, (8, 1, 28, 28), config={"conv_1": {"output_bits": 8}}).compress()
     with pytest.raises(ValueError, match="extra_layer_bits"):
         ModelSpeedup(model, (8, 1, 28, 28), extra_layer_bits=4)
 

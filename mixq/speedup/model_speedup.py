@@ -21,6 +21,7 @@ as its own quantizer does, and symmetric int8 for TensorRT, which requires it).
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
 import os
 import tempfile
@@ -103,7 +104,22 @@ def _as_inputs(batch: Any) -> Tuple[torch.Tensor, ...]:
 
 
 class ModelSpeedup:
-    """Build and run a mixed-precision inference engine from a calibration config."""
+    """Build and run a mixed-precision inference engine from a calibration config.
+
+    Args:
+        model: the float model, or one wrapped by a quantizer (it is copied, never modified).
+        input_shape: shape with the batch dimension, or a list of shapes for several inputs.
+        config: calibration config (dict or JSON path); None quantizes nothing but extra layers.
+        backend: 'onnxruntime' (default), 'tensorrt' or 'auto'.
+        batchsize: largest batch one engine run takes (default: ``input_shape[0]``); bigger
+            inputs are run in chunks of it.
+        onnx_path: where to save the precision-annotated ONNX model, if wanted.
+        extra_layer_bits: precision of Conv/Linear layers absent from ``config``: 32, 16 or 8.
+        calib_data_loader: batches (tensors or (inputs, labels)) for ranges the config lacks.
+        calib_batches: how many of its batches to use (default: all).
+        exporter: 'torchscript' (default) or 'dynamo' (see :mod:`mixq.speedup.onnx_export`).
+        num_threads: CPU threads of the engine (default: the cores this process may use).
+    """
 
     default_backend = "onnxruntime"
     required_backend: Optional[str] = None  # what load_quantized_model accepts (None: any)
@@ -238,6 +254,13 @@ class ModelSpeedup:
 
     def _resolve_config(self, model: nn.Module) -> Tuple[CalibrationConfig, List[str]]:
         config = dict(self.config or {})
+        names = {n for n, _ in model.named_modules()}
+        for name in config:
+            if name not in names:
+                close = difflib.get_close_matches(name, sorted(names), n=3)
+                raise ValueError(f"the config names layer {name!r}, which is not a module of the model"
+                                 + (f"; close matches: {', '.join(close)}" if close else "")
+                                 + ": export the calibration from this model")
         needs = {name: entry for name, entry in config.items() if not _has_ranges(entry)}
         ready = validate_calibration_config({n: e for n, e in config.items() if n not in needs})
         extra = self._extra_layers(model, config)

@@ -33,6 +33,7 @@ import torch.nn as nn
 from onnx import numpy_helper
 
 from ..compressor.calibration import CalibrationConfig
+from ..compressor.config import WEIGHT_TYPES
 from ..compressor.fake_quant import (FP16_BITS, is_integer_bits, is_per_channel, is_symmetric, qparams_from_range,
                                      quant_range, quantize)
 from .module_map import ModuleCall
@@ -319,6 +320,7 @@ class LayerSpec:
 
     name: str
     entry: Dict[str, Any]
+    weighted: bool = False  # a Conv/Linear: its precision is its weight's
 
     def bits(self, qtype: str) -> Optional[int]:
         return self.entry.get(f"{qtype}_bits")
@@ -333,8 +335,8 @@ class LayerSpec:
 
     @property
     def requested(self) -> str:
-        if "weight_bits" in self.entry:
-            return precision_of_bits(self.entry["weight_bits"])
+        if "weight_bits" in self.entry or self.weighted:
+            return precision_of_bits(self.entry.get("weight_bits"))
         bits = [b for b in (self.bits("output"), self.bits("input")) if b is not None]
         return precision_of_bits(min(bits)) if bits else "fp32"
 
@@ -539,11 +541,11 @@ def build_plan(model: onnx.ModelProto, calls: Mapping[str, List[ModuleCall]], fo
     """
     planner = _Planner(model, calls, folded, torch_model)
     for name, entry in config.items():
-        planner.add_layer(LayerSpec(name, entry))
+        planner.add_layer(LayerSpec(name, entry, isinstance(torch_model.get_submodule(name), WEIGHT_TYPES)))
     if extra_layer_bits == FP16_BITS:
         for name in extra_layers:
             planner.add_layer(LayerSpec(name, {"type": type(torch_model.get_submodule(name)).__name__,
-                                               "weight_bits": 16}))
+                                               "weight_bits": 16}, True))
     planner.derive()
     planner.simplify()
     planner.explain()
