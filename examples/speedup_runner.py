@@ -26,6 +26,7 @@ from tqdm import tqdm
 from mixq.atomic_io import atomic_write
 from mixq.quantizers import ObserverQuantizer, QAT_Quantizer
 from mixq.speedup import ModelSpeedup
+from mixq.speedup.backends import resolve_backend_name
 from mixq.table import format_table
 
 Split = Tuple[torch.Tensor, torch.Tensor]
@@ -43,6 +44,24 @@ class ExampleSpec:
     configs: Dict[str, List[dict]]  # strategy -> config list ('mixed', 'int8')
     lr: float
     qat_lr: float
+
+
+def for_backend(config_list: List[dict], backend: str) -> List[dict]:
+    """ONNX Runtime on x86 fuses a ReLU into the integer conv only when the activation after it is
+    affine uint8 (zero point 0 makes the clip redundant); TensorRT needs symmetric int8. Entries
+    that set no scheme get the backend's best activation scheme."""
+    if backend == "tensorrt":
+        return config_list
+    tuned = []
+    for entry in config_list:
+        entry = dict(entry)
+        acts = [t for t in entry.get("quant_types", []) if t != "weight"]
+        if acts and "quant_scheme" not in entry and "quant_dtype" not in entry:
+            entry["quant_scheme"] = {t: "per_tensor_affine" if t != "weight" else "per_channel_symmetric"
+                                     for t in entry["quant_types"]}
+            entry["quant_dtype"] = {t: "uint" if t != "weight" else "int" for t in entry["quant_types"]}
+        tuned.append(entry)
+    return tuned
 
 
 def build_parser(description: str, epochs: int, quick_note: str) -> argparse.ArgumentParser:
@@ -195,7 +214,7 @@ def _build(spec: ExampleSpec, args: argparse.Namespace, model: nn.Module, strate
         engine = ModelSpeedup(model, spec.input_shape, config=None, extra_layer_bits=32, **common)
         engine.compress()
         return engine
-    config_list = spec.configs[strategy]
+    config_list = for_backend(spec.configs[strategy], resolve_backend_name(args.backend))
     work = copy.deepcopy(model)
     calib_path = str(out_dir / f"{spec.name}_{strategy}_{path}_calibration.json")
     if path == "qat":
