@@ -24,6 +24,9 @@ CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 INT8 = [
     {"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
     {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
+    # a conv that feeds a residual Add needs an output range to run as an integer kernel: its
+    # BatchNorm's output is the folded conv's output
+    {"quant_types": ["output"], "quant_bits": 8, "op_types": ["BatchNorm2d"]},
 ]
 MIXED = INT8 + [
     {"quant_types": ["weight", "input"], "quant_bits": 16, "op_names": ["conv1", "fc"]},  # stem and classifier in fp16

@@ -10,7 +10,8 @@ The result is the precision-annotated ONNX model every backend reads (DESIGN.md 
   or the layout's channel axis); the bias of an integer Conv/Gemm becomes int32 with scale
   ``input_scale * weight_scale`` (zero point 0) where the input is quantized;
 * fp16 nodes read Casts to fp16 and fp16 initializers; their outputs are cast back to fp32.
-Activations are int8 here (symmetric: zero point 0); a backend may re-encode them.
+Activations are int8 here (symmetric: zero point 0); a backend may re-encode them, and one
+that adds the bias in float (TensorRT) folds the int32 bias back with :func:`dequantize_bias`.
 """
 from __future__ import annotations
 
@@ -220,8 +221,9 @@ class _Annotator:
         for i, name in enumerate(node.output):
             half = self.names.new(f"{name}/fp16")
             node.output[i] = half
-            self.after[node.name].append(helper.make_node("Cast", [half], [name], to=TensorProto.FLOAT,
-                                                          name=self.names.new(f"{node.name}/CastOutputFp32")))
+            # first after the node: Q/DQ already placed after it read the fp32 output
+            self.after[node.name].insert(0, helper.make_node("Cast", [half], [name], to=TensorProto.FLOAT,
+                                                             name=self.names.new(f"{node.name}/CastOutputFp32")))
 
 
 def _prune_initializers(model: onnx.ModelProto) -> None:
@@ -243,3 +245,32 @@ def annotate(model: onnx.ModelProto, plan: PrecisionPlan) -> onnx.ModelProto:
     annotated = _Annotator(model, plan).run()
     onnx.checker.check_model(annotated)
     return annotated
+
+
+def dequantize_bias(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of an annotated model whose int32 bias DequantizeLinear nodes are folded into float
+    initializers (``codes * scale``), for backends that add the bias in float (TensorRT)."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    inits = {t.name: t for t in graph.initializer}
+    folded: Dict[str, str] = {}
+    keep = []
+    for node in graph.node:
+        source = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if source is None or source.data_type != TensorProto.INT32:
+            keep.append(node)
+            continue
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        values = numpy_helper.to_array(source).astype(np.float32) * scale
+        name = f"{node.output[0]}.float"
+        graph.initializer.append(numpy_helper.from_array(values.astype(np.float32), name))
+        folded[node.output[0]] = name
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in folded:
+                node.input[i] = folded[name]
+    del graph.node[:]
+    graph.node.extend(keep)
+    _prune_initializers(result)
+    return result
