@@ -11,7 +11,7 @@ from mixq.quantizers import ObserverQuantizer
 from mixq.speedup.backends.onnxruntime import refine_for_onnxruntime
 from mixq.speedup.module_map import module_calls
 from mixq.speedup.onnx_export import export_onnx
-from mixq.speedup.onnx_qdq import annotate
+from mixq.speedup.onnx_qdq import annotate, dequantize_bias
 from mixq.speedup.precision_plan import build_plan
 
 
@@ -111,3 +111,13 @@ def test_affine_relu_outputs_are_absorbed():
     refined, absorbed = refine_for_onnxruntime(annotated)
     assert set(absorbed) == {"/relu1/Clip", "/relu2/Clip", "/relu3/Clip"}
     np.testing.assert_allclose(_run(refined, x.numpy()), _run(annotated, x.numpy()), atol=1e-6)
+
+
+def test_int32_bias_folds_back_to_float_for_float_bias_backends():
+    annotated, _, x, _ = _annotated(
+        [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]}])
+    folded = dequantize_bias(annotated)
+    assert not [t for t in folded.graph.initializer if t.data_type == TensorProto.INT32]
+    assert sum(n.op_type == "DequantizeLinear" for n in folded.graph.node) == \
+        sum(n.op_type == "DequantizeLinear" for n in annotated.graph.node) - 4  # one bias per layer
+    np.testing.assert_allclose(_run(folded, x.numpy()), _run(annotated, x.numpy()), atol=1e-6)

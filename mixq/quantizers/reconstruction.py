@@ -288,13 +288,14 @@ class ReconstructionQuantizer(Quantizer):
         optimizer = torch.optim.Adam([{"params": rounding, "lr": self.weight_lr}, {"params": gains, "lr": self.range_lr}])
         cosine = lambda s: 0.5 * (1 + math.cos(math.pi * s / self.iterations))  # noqa: E731
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s: 1.0, cosine])
-        multi = any(a.num_levels > 1 for a in self._training.values())
         bar = tqdm(range(self.iterations), desc=f"unit {index + 1}/{len(self.units)} {unit.name}",
                    disable=not self.progress, leave=False)
         for step in bar:
-            idx = torch.randint(0, len(inputs), (self.batch_size,), device=inputs.device)
-            x, target = inputs[idx], targets[idx]
-            rec = self._multi_bit_loss(unit, x, target) if multi else self._single_loss(unit, x, target)
+            idx = torch.randint(0, len(targets), (self.batch_size,), device=targets.device)
+            if self.activation_bits is not None:
+                rec = self._multi_bit_loss(unit, inputs[idx], targets[idx])
+            else:
+                rec = _block_mse(self._run(unit, inputs[idx], 0, self.drop_prob), targets[idx])
             loss = rec
             beta = beta_schedule(step, self.iterations, self.warmup)
             if beta is not None and self._adarounds:
@@ -312,16 +313,16 @@ class ReconstructionQuantizer(Quantizer):
         self._level, self._drop = level, drop
         return unit.run(self.bound_model, x)
 
-    def _single_loss(self, unit: Unit, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return _block_mse(self._run(unit, x, 0, self.drop_prob), target)
-
     def _multi_bit_loss(self, unit: Unit, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """PTMQ: the mixed-feature output (with QDrop) against the float target, plus group-wise
-        distillation of the mid and low outputs from the (detached) high output."""
+        """PTMQ. Mixed-feature forward: every activation in the unit a random convex combination of
+        its low/mid/high quantized values (with QDrop), against the float target. Group-wise
+        distillation: the high forward against the float target, the mid and low forwards against
+        the detached high output."""
         mixed = _block_mse(self._run(unit, x, None, self.drop_prob), target)
-        with torch.no_grad():
-            high = self._run(unit, x, 2)
-        return mixed + _block_mse(self._run(unit, x, 1), high) + _block_mse(self._run(unit, x, 0), high)
+        high = self._run(unit, x, 2)
+        teacher = high.detach()
+        return (mixed + _block_mse(high, target) + _block_mse(self._run(unit, x, 1), teacher)
+                + _block_mse(self._run(unit, x, 0), teacher))
 
     def _write_back(self, wrapper: QuantizerModuleWrapper, adaround: AdaRound) -> None:
         """Store the learned rounding in the float weight: round-to-nearest with the fixed range
