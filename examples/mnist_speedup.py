@@ -57,7 +57,7 @@ def main() -> int:
     if args.quick:
         args.epochs = 1
     run_example(spec, args, train, test, qat_steps=60 if args.quick else 250, calib_batches=8,
-                runs=args.runs or (10 if args.quick else 50), fp32_steps=None)
+                runs=args.runs or (30 if args.quick else 100), fp32_steps=None)
     return 0
 
 
