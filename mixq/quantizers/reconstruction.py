@@ -14,8 +14,10 @@ multi-bit activations.
    trained to reproduce the target, with QDrop (each activation element keeps its float value
    with probability ``drop_prob``). With ``activation_bits=(low, mid, high)`` the loss is PTMQ's:
    the output of the mixed-feature forward (every activation a random convex combination of
-   its three quantized versions) against the target, plus the mid and low outputs distilled
-   from the high one.
+   its three quantized versions) against the target, plus group-wise distillation (the high
+   output against the target, the mid and low outputs against the high one); earlier units
+   then run at the mid level to produce the unit's input. The weights' rounding is shared by
+   the three levels, each level has its own activation ranges.
 4. Write-back: the learned integer weights are written into the float weights (divided by the BN
    factor where a BN is folded), so that round-to-nearest with the exported scale gives
    exactly the learned integers. From here on the wrapped model runs the framework's ordinary
