@@ -6,7 +6,8 @@ Uniform int8 PTQ (ObserverQuantizer, min/max ranges; weights+inputs of every con
 outputs of the ReLUs and residual BNs, u8 activations, as ONNX Runtime fuses best) is the
 starting point. ``layer_sensitivity`` ranks the conv/fc layers by output SQNR on calibration
 data; the Pareto sweep keeps the k most sensitive layers in fp32 and
-``auto_mixed_precision(budget=...)`` picks a config by its latency model. Every config is
+``auto_mixed_precision(budget=...)`` picks a config under a latency budget, with per-layer costs
+measured on the engine (the latency of uniform int8 with that one layer in fp32). Every config is
 built into an ONNX Runtime engine (batch 128, 2 threads, thread spinning off); accuracy is the
 engine's own on the test images, latency the median of --runs after warm-up, taken round-robin
 over the engines --rounds times (each keeps its lowest median, which damps load from elsewhere
@@ -20,7 +21,7 @@ import copy
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -80,6 +81,17 @@ def latencies(engines: Dict[str, ModelSpeedup], batch: torch.Tensor, runs: int, 
     return best
 
 
+def measured_costs(model: torch.nn.Module, config: List[Dict[str, Any]], layers: List[str], calib: torch.Tensor,
+                   batch: torch.Tensor, args: argparse.Namespace) -> Dict[str, Tuple[float, float]]:
+    """``{layer: (quantized, float)}`` latencies: uniform int8 shared evenly over the layers, plus
+    for the float case what keeping that one layer in fp32 adds to the uniform int8 engine."""
+    engines = {"": build_engine(model, config, calib, args.threads)}
+    engines.update({n: build_engine(model, keep_float_layers(config, [n]), calib, args.threads) for n in layers})
+    latency = latencies(engines, batch, args.runs, args.warmup, 2)
+    share = latency[""] / len(layers)
+    return {n: (share, share + latency[n] - latency[""]) for n in layers}
+
+
 def plot(rows: List[Dict[str, Any]], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -130,7 +142,11 @@ def main() -> int:
           f"{len(calib)} calibration images):\n")
     print(format_sensitivity_table(table) + "\n")
     order = [r.name for r in table if "weight" in r.bits]
-    chosen = auto_mixed_precision(model, config, calib, budget=args.budget, cost="latency", sensitivity=table)
+    batch = x[:BATCH].contiguous()
+    costs = measured_costs(model, config, order, calib, batch, args)
+    print("Measured latency added by keeping one layer in fp32 (ms): " +
+          ", ".join(f"{n} {1e3 * (f - q):+.2f}" for n, (q, f) in costs.items()) + "\n")
+    chosen = auto_mixed_precision(model, config, calib, budget=args.budget, cost=costs, sensitivity=table)
     chosen_kept = chosen[-1]["op_names"] if chosen[-1].get("exclude") else []
 
     configs: Dict[str, Any] = {"fp32": ("fp32", None, len(order))}
@@ -140,7 +156,6 @@ def main() -> int:
     configs[f"auto (budget {args.budget:g})"] = ("auto", chosen, len(chosen_kept))
     engines = {name: build_engine(model, cfg, calib, args.threads) for name, (_, cfg, _) in configs.items()}
     accuracy = {name: engine_accuracy(engine, x, y) for name, engine in engines.items()}
-    batch = x[:BATCH].contiguous()
     latency = latencies(engines, batch, args.runs, args.warmup, args.rounds)
 
     int8_speedup = latency["fp32"] / latency["uniform int8"]

@@ -4,8 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_TOLERANCE = {"mnist": 1.0, "cifar": 6.0}  # points of accuracy int8 may lose vs fp32 in a --quick run
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixq.compressor import (QuantizerModuleWrapper, auto_mixed_precision, format_sensitivity_table, layer_costs,
-                             layer_sensitivity)
+from mixq.compressor import (LayerSensitivity, QuantizerModuleWrapper, auto_mixed_precision, format_sensitivity_table,
+                             layer_costs, layer_sensitivity)
 from mixq.datasets import load_cifar10
 from mixq.models import accuracy, resnet20_cifar
 from mixq.quantizers import ObserverQuantizer
@@ -91,6 +91,21 @@ def test_budget_goal_keeps_cost_and_improves_accuracy(setup, table):
     mixed = sum(f if n in kept else q for n, (q, f) in costs.items())
     assert uniform < mixed <= 1.25 * uniform
     assert accuracy(_ptq(model, config, calib), x, y) > accuracy(_ptq(model, W4A4, calib), x, y)
+
+
+def test_budget_with_measured_costs_picks_best_loss_per_cost():
+    rows = [LayerSensitivity(name, "Conv2d", {"weight": 8, "input": 8}, sqnr, 0.0)
+            for name, sqnr in (("a", 20.0), ("b", 30.0), ("c", 40.0), ("d", 10.0))]
+    # uniform int8 costs 4 x 1.0; keeping a layer in float adds 0.5, 0.1, 0.1, 2.0
+    costs = {"a": (1.0, 1.5), "b": (1.0, 1.1), "c": (1.0, 1.1), "d": (1.0, 3.0)}
+    config = auto_mixed_precision(resnet20_cifar(), W4A4, torch.randn(4, 3, 32, 32), budget=1.2, cost=costs,
+                                  sensitivity=rows)
+    # loss per cost: a 1e-2/0.5, b 1e-3/0.1, c 1e-4/0.1, d 1e-1/2.0 -> d first but it does not fit
+    # (4 + 2 > 4.8); then a (4.5), b (4.6), c (4.7)
+    assert config[-1] == {"exclude": True, "op_names": ["a", "b", "c"]}
+    with pytest.raises(ValueError, match="no \\(quantized, float\\) cost for \\['d'\\]"):
+        auto_mixed_precision(resnet20_cifar(), W4A4, torch.randn(4, 3, 32, 32), budget=1.2,
+                             cost={k: v for k, v in costs.items() if k != "d"}, sensitivity=rows)
 
 
 @pytest.mark.parametrize("goal, message", [

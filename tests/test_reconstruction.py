@@ -126,7 +126,7 @@ def _folded(model, conv, bn):
 
 
 def test_rounding_is_binary_and_export_reproduces_it(fp32, w3a3, tmp_path):
-    original, (model, quantizer, _) = fp32[0], w3a3
+    original, (_, quantizer, _) = fp32[0], w3a3
     # the regulariser drove most soft rounding values to exactly 0 or 1 within the short budget
     # (the rest are decided by h(V) >= 0.5 at the end; what deploys is binary either way, below)
     values = torch.cat([v.flatten() for v in quantizer.rounding_values.values()])

@@ -127,6 +127,7 @@ def test_ranges_derived_through_relu_and_maxpool_exactly():
     relu_out = calls["relu"][0].outputs[0]
     relu_grid = grid_from_range(cfg["relu"]["tracked_min_output"], cfg["relu"]["tracked_max_output"], 8,
                                 "per_tensor_symmetric", "int")
+    assert plan.tensor_grids[relu_out] == [relu_grid]
     assert plan.tensor_grids[conv_out] == [relu_grid]  # derived backwards through ReLU
     pool_out = calls["pool"][0].outputs[0]
     assert plan.tensor_grids[pool_out] == [relu_grid]  # propagated forwards through MaxPool

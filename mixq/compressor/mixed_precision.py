@@ -17,7 +17,7 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -25,13 +25,13 @@ import torch.nn.functional as F
 
 from ..quantizers.calib_data import calibration_tensor
 from ..quantizers.observer import ObserverQuantizer
-from .config import ConfigError
 from .fake_quant import is_integer_bits
 from .wrapper import QuantizerModuleWrapper
 
 logger = logging.getLogger(__name__)
 
 EvalFn = Callable[[nn.Module], float]
+Costs = Mapping[str, Tuple[float, float]]
 COSTS = ("latency", "size")
 _BATCH = 256
 
@@ -164,7 +164,10 @@ def layer_costs(model: nn.Module, layers: Sequence[str], example_input: torch.Te
     """``{layer: (cost quantized, cost float)}`` under a simple model: ``'latency'`` counts the
     layer's multiply-accumulates per sample (an int8 MAC costs ``1 / int8_speedup`` of a float
     one; layers without weights count their output elements), ``'size'`` its weight bytes
-    (1 byte per weight at 8 bits or fewer, 4 in fp32)."""
+    (1 byte per weight at 8 bits or fewer, 4 in fp32). The MAC model ignores what leaving the
+    integer pipeline costs (dequantizing a float layer's input, quantizing its output, neighbours
+    that cannot fuse), which dominates on small models: for a real latency budget give
+    :func:`auto_mixed_precision` measured costs instead (``benchmarks/mixed_precision.py`` does)."""
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {list(COSTS)}, got {cost!r}")
     work: Dict[str, float] = {}
@@ -195,7 +198,8 @@ def layer_costs(model: nn.Module, layers: Sequence[str], example_input: torch.Te
 
 def auto_mixed_precision(model: nn.Module, config_list: List[Dict[str, Any]], calib_data: Any,
                          eval_fn: Optional[EvalFn] = None, *, max_drop: Optional[float] = None,
-                         budget: Optional[float] = None, cost: str = "latency", int8_speedup: float = 3.5,
+                         budget: Optional[float] = None, cost: Union[str, Costs] = "latency",
+                         int8_speedup: float = 3.5,
                          sensitivity: Optional[Sequence[LayerSensitivity]] = None,
                          num_samples: int = 512) -> List[Dict[str, Any]]:
     """A config list that keeps the most sensitive layers of ``config_list`` in float.
@@ -205,9 +209,11 @@ def auto_mixed_precision(model: nn.Module, config_list: List[Dict[str, Any]], ca
     * ``max_drop`` (needs ``eval_fn``): the fewest float layers whose quantized model stays
       within ``max_drop`` of the float model's ``eval_fn``; layers are reverted in sensitivity
       order and the count is found by bisection on measured ``eval_fn`` values.
-    * ``budget``: predicted cost (see :func:`layer_costs`, ``cost='latency'`` or ``'size'``) at most
-      ``budget`` times that of quantizing every layer (1.25 keeps 80% of the speedup); layers
-      are reverted greedily by predicted loss saved per unit of cost added.
+    * ``budget``: predicted cost at most ``budget`` times that of quantizing every layer (1.25
+      keeps 80% of the speedup); layers are reverted greedily by predicted loss saved per unit of
+      cost added. ``cost`` is ``'latency'`` or ``'size'`` (the models of :func:`layer_costs`) or a
+      mapping ``{layer: (cost quantized, cost in float)}`` of measured costs, whose quantized
+      costs sum to the uniformly quantized model's.
 
     Only layers with quantized weights (conv/linear) are candidates; activation-only entries stay as
     configured. ``sensitivity`` reuses a :func:`layer_sensitivity` table. ``model`` is not modified.
@@ -231,9 +237,16 @@ def auto_mixed_precision(model: nn.Module, config_list: List[Dict[str, Any]], ca
     return keep_float_layers(config_list, keep)
 
 
-def _within_budget(model: nn.Module, rows: List[LayerSensitivity], data: torch.Tensor, budget: float, cost: str,
-                   int8_speedup: float) -> List[str]:
-    costs = layer_costs(model, [r.name for r in rows], data, cost, int8_speedup)
+def _within_budget(model: nn.Module, rows: List[LayerSensitivity], data: torch.Tensor, budget: float,
+                   cost: Union[str, Costs], int8_speedup: float) -> List[str]:
+    names = [r.name for r in rows]
+    if isinstance(cost, str):
+        costs = layer_costs(model, names, data, cost, int8_speedup)
+    else:
+        missing = [n for n in names if n not in cost]
+        if missing:
+            raise ValueError(f"cost gives no (quantized, float) cost for {missing}; measure every candidate layer")
+        costs = cost
     total = sum(c[0] for c in costs.values())
     limit = budget * total
     by_value = sorted(rows, key=lambda r: r.predicted_loss() / max(costs[r.name][1] - costs[r.name][0], 1e-12),
