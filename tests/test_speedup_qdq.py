@@ -110,7 +110,9 @@ def test_affine_relu_outputs_are_absorbed():
          {"quant_types": ["output"], "quant_bits": 8, "op_names": ["relu1", "relu2", "relu3"], **affine}])
     refined, absorbed = refine_for_onnxruntime(annotated)
     assert set(absorbed) == {"/relu1/Clip", "/relu2/Clip", "/relu3/Clip"}
-    np.testing.assert_allclose(_run(refined, x.numpy()), _run(annotated, x.numpy()), atol=1e-6)
+    # compared as ONNX Runtime runs both (integer kernels): the space-to-depth stem sums the same
+    # integer products in another order, so the float reference semantics may differ on a tie
+    np.testing.assert_array_equal(_run(refined, x.numpy(), optimize=True), _run(annotated, x.numpy(), optimize=True))
 
 
 def test_int32_bias_folds_back_to_float_for_float_bias_backends():

@@ -9,6 +9,9 @@ without changing what it computes:
   (affine uint8 ranges starting at 0) is dropped: the codes are already non-negative, the
   integer kernel before it saturates for it;
 * a ReLU followed by a MaxPool on the same grid moves after the pool (they commute);
+* a conv with fewer than 4 input channels followed by a 2x2 max-pool is rewritten through
+  SpaceToDepth, and conv output channels are zero-padded to a multiple of 16 where the next
+  layer absorbs them, so ONNX Runtime's fast integer conv kernels run (bit-identical codes);
 * any other ReLU between a DQ and a Q becomes LeakyRelu(alpha=0), which ONNX Runtime runs as
   an integer lookup table (QLinearLeakyRelu) instead of in float;
 * fp16 layers run in fp32 (the CPU provider has no fp16 kernels): Casts become Identity and
@@ -33,6 +36,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .base import Backend, BackendUnavailable, BuildOptions, Engine
+from .ort_channel_padding import pad_conv_output_channels
+from .ort_space_to_depth import fuse_conv_pool_space_to_depth
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +214,18 @@ class _Refiner:
         graph.node.extend(ordered)
         self._index()
 
+    def align_conv_channels(self) -> None:
+        """Shapes ONNX Runtime's fast integer conv kernels need, computing the same values: a
+        few-channel conv + 2x2 max-pool goes through SpaceToDepth (:mod:`.ort_space_to_depth`),
+        output channels are zero-padded to a multiple of 16 (:mod:`.ort_channel_padding`)."""
+        changed = fuse_conv_pool_space_to_depth(self.model)
+        changed += pad_conv_output_channels(self.model)
+        if changed:
+            del self.model.graph.value_info[:]  # channel counts changed; ONNX Runtime re-infers
+            self.inits = {t.name: t for t in self.model.graph.initializer}
+            self.constants.update(self.inits)
+            self._toposort()
+
     def relu_to_lookup(self) -> None:
         """ReLU between a DQ and a Q -> LeakyRelu(alpha=0): an integer lookup table in ONNX Runtime."""
         for node in self.model.graph.node:
@@ -255,6 +272,7 @@ class _Refiner:
         self.activations_to_u8()
         self.drop_identity_requantization()
         self.pool_before_relu()
+        self.align_conv_channels()
         self.relu_to_lookup()
         self.fp16_to_fp32()
         self.prune_initializers()
