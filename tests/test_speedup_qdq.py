@@ -15,7 +15,8 @@ from mixq.speedup.onnx_qdq import annotate, dequantize_bias
 from mixq.speedup.precision_plan import build_plan
 
 
-def _annotated(config_list):
+def _annotated(config_list, output_max=None):
+    """The MNIST model's annotated graph; ``output_max`` overrides calibrated output ranges' tops."""
     torch.manual_seed(0)
     model = MnistNet().eval()
     x = torch.randn(64, 1, 28, 28)
@@ -24,6 +25,8 @@ def _annotated(config_list):
         model(x)
     quantizer.compress()
     config = quantizer.calibration_config()
+    for layer, top in (output_max or {}).items():
+        config[layer]["tracked_max_output"] = top
     from mixq.compressor import unwrapped_copy
     float_model = unwrapped_copy(model).eval()
     exported = export_onnx(float_model, (x[:2],), {})
@@ -113,6 +116,24 @@ def test_affine_relu_outputs_are_absorbed():
     # compared as ONNX Runtime runs both (integer kernels): the space-to-depth stem sums the same
     # integer products in another order, so the float reference semantics may differ on a tie
     np.testing.assert_array_equal(_run(refined, x.numpy(), optimize=True), _run(annotated, x.numpy(), optimize=True))
+
+
+def test_relu6_calibrated_to_its_bound_is_absorbed():
+    # a trained ReLU6 saturates: its range is exactly [0, 6], so 6.0 is the top of the u8 grid up
+    # to float rounding and the Clip changes no code
+    affine = {"quant_scheme": "per_tensor_affine", "quant_dtype": "uint"}
+    config = [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"],
+               "quant_scheme": {"input": "per_tensor_affine", "weight": "per_channel_symmetric"},
+               "quant_dtype": {"input": "uint", "weight": "int"}},
+              {"quant_types": ["output"], "quant_bits": 8, "op_names": ["relu1", "relu2", "relu3"], **affine}]
+    annotated, _, x, _ = _annotated(config, output_max={"relu1": 6.0, "relu2": 6.0})
+    refined, absorbed = refine_for_onnxruntime(annotated)
+    assert set(absorbed) == {"/relu1/Clip", "/relu2/Clip", "/relu3/Clip"}
+    # (conv layers: ONNX Runtime's integer kernels give the same codes with or without the Clip)
+    np.testing.assert_array_equal(_run(refined, x.numpy(), optimize=True), _run(annotated, x.numpy(), optimize=True))
+    # a bound inside the grid does change codes: that Clip stays
+    annotated, _, _, _ = _annotated(config, output_max={"relu1": 8.0, "relu2": 6.0})
+    assert "/relu1/Clip" not in refine_for_onnxruntime(annotated)[1]
 
 
 def test_int32_bias_folds_back_to_float_for_float_bias_backends():

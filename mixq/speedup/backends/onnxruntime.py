@@ -250,7 +250,9 @@ class _Refiner:
                     return False
                 bounds[i] = float(numpy_helper.to_array(self.constants[name]))
         lo, hi = bounds
-        return lo == 0.0 and (hi is None or hi >= (255 - zp) * scale)
+        # the upper bound only matters if it changes a code: above code 254.5 it quantizes back to
+        # 255 (a ReLU6 calibrated to exactly [0, 6] has hi == 255 * scale up to float rounding)
+        return lo == 0.0 and (hi is None or hi > (254.5 - zp) * scale)
 
     def fp16_to_fp32(self) -> None:
         for node in self.model.graph.node:
