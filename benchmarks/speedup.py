@@ -48,8 +48,7 @@ def mnist_config(mixed: bool, act: Dict[str, str]) -> List[Dict[str, object]]:
     """NNI's MNIST layout: weights+inputs of convs/fcs, outputs of the ReLUs before the fcs."""
     config = [{"op_names": ["conv1", "conv2", "fc1", "fc2"], **_weight_entry(["input", "weight"], act)},
               {"op_names": ["relu1", "relu2", "relu3"], "quant_types": ["output"], "quant_bits": 8, **act}]
-    if mixed:  # the sensitive first and last layers stay fp32. conv1 (one input channel) is also
-        # ONNX Runtime's slowest int8 conv here (about 2.5x its fp32 time), so this mix is the fastest
+    if mixed:  # the sensitive first and last layers stay fp32
         config.append({"exclude": True, "op_names": ["conv1", "relu1", "fc2"]})
     return config
 
