@@ -30,7 +30,8 @@ INT8 = [
 ]
 MIXED = INT8 + [
     {"quant_types": ["weight", "input"], "quant_bits": 16, "op_names": ["conv1", "fc"]},  # stem and classifier in fp16
-    {"exclude": True, "op_names": ["layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2"]},
+    # stage 1 in fp32; the BNs of float convs fold into float convs, so their outputs stay float too
+    {"exclude": True, "op_names": ["bn1"] + [f"layer1.{b}.{m}" for b in (0, 1) for m in ("conv1", "bn1", "conv2", "bn2")]},
 ]
 
 

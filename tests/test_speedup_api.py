@@ -219,3 +219,29 @@ def test_backend_selection(small_mnist):
 def _tensorrt_installed() -> bool:
     import importlib.util
     return importlib.util.find_spec("tensorrt") is not None
+
+
+class ResidualAfterBN(nn.Module):
+    """A BN whose output meets an Add and is then freed: the next tensor Python allocates (here
+    ``y * 2``) tends to reuse its id(), which must not pass for the BN's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        b = self.bn(self.conv(x))
+        y = b + x
+        del b  # the BN's output is freed here; y * 2 is the next tensor allocated
+        return self.fc(self.relu(y * 2).mean((2, 3)))
+
+
+def test_uniform_int8_calibrates_the_output_of_a_bn_feeding_an_add():
+    torch.manual_seed(0)
+    model, x = ResidualAfterBN().eval(), torch.randn(32, 4, 8, 8)
+    engine = ModelSpeedup(model, (8, 4, 8, 8), extra_layer_bits=8, calib_data_loader=[x])
+    engine.compress()
+    report = {r["layer"]: r for r in engine.precision_report()}
+    assert report["conv"]["actual"] == "int8", report["conv"]
+    assert report["bn"]["actual"] == "int8", report["bn"]  # its output range was calibrated

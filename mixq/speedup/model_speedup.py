@@ -199,7 +199,9 @@ class ModelSpeedup:
     def _module_consumers(self, model: nn.Module) -> Tuple[Dict[str, bool], set]:
         """Per leaf module: does its output go only into one activation/BN module; which modules'
         outputs the model returns."""
-        outputs: Dict[int, str] = {}
+        # the tensors themselves are kept until the forward ends: a freed output's id() may be
+        # reused by a later tensor (an Add's result, say), which would then pass for that output
+        outputs: Dict[int, Tuple[str, torch.Tensor]] = {}
         readers: Dict[str, List[nn.Module]] = {}
         handles = []
         leaves = [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
@@ -207,14 +209,14 @@ class ModelSpeedup:
         def out_hook(name):
             def hook(_m, _i, out):
                 if torch.is_tensor(out):
-                    outputs[id(out)] = name
+                    outputs[id(out)] = (name, out)
             return hook
 
         def in_hook(module):
             def hook(_m, inputs):
                 for t in inputs:
                     if torch.is_tensor(t) and id(t) in outputs:
-                        readers.setdefault(outputs[id(t)], []).append(module)
+                        readers.setdefault(outputs[id(t)][0], []).append(module)
             return hook
 
         for name, module in leaves:
@@ -227,7 +229,7 @@ class ModelSpeedup:
             for h in handles:
                 h.remove()
         results = [result] if torch.is_tensor(result) else list(result)
-        returned = {outputs[id(t)] for t in results if id(t) in outputs}
+        returned = {outputs[id(t)][0] for t in results if id(t) in outputs}
         feeds = {name: len(r) == 1 and isinstance(r[0], ACTIVATION_TYPES + BN_TYPES) for name, r in readers.items()}
         return feeds, returned
 
