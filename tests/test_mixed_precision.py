@@ -93,19 +93,22 @@ def test_budget_goal_keeps_cost_and_improves_accuracy(setup, table):
     assert accuracy(_ptq(model, config, calib), x, y) > accuracy(_ptq(model, W4A4, calib), x, y)
 
 
-def test_budget_with_measured_costs_picks_best_loss_per_cost():
+def test_budget_with_measured_cost_keeps_layers_that_fit_in_sensitivity_order():
     rows = [LayerSensitivity(name, "Conv2d", {"weight": 8, "input": 8}, sqnr, 0.0)
             for name, sqnr in (("a", 20.0), ("b", 30.0), ("c", 40.0), ("d", 10.0))]
-    # uniform int8 costs 4 x 1.0; keeping a layer in float adds 0.5, 0.1, 0.1, 2.0
-    costs = {"a": (1.0, 1.5), "b": (1.0, 1.1), "c": (1.0, 1.1), "d": (1.0, 3.0)}
-    config = auto_mixed_precision(resnet20_cifar(), W4A4, torch.randn(4, 3, 32, 32), budget=1.2, cost=costs,
+    added = {"a": 0.5, "b": 0.2, "c": 0.1, "d": 2.0}
+    measured = []
+
+    def cost(config_list):  # uniform: 4.0; float layers add their cost, two or more another 0.1 each
+        kept = config_list[-1]["op_names"] if config_list[-1].get("exclude") else []
+        measured.append(list(kept))
+        return 4.0 + sum(added[n] for n in kept) + 0.1 * max(len(kept) - 1, 0)
+
+    config = auto_mixed_precision(resnet20_cifar(), W4A4, torch.randn(4, 3, 32, 32), budget=1.25, cost=cost,
                                   sensitivity=rows)
-    # loss per cost: a 1e-2/0.5, b 1e-3/0.1, c 1e-4/0.1, d 1e-1/2.0 -> d first but it does not fit
-    # (4 + 2 > 4.8); then a (4.5), b (4.6), c (4.7)
+    # limit 5.0; sensitivity order d (6.0: no), a (4.5), b (4.8), c (5.0: yes, exactly the limit)
     assert config[-1] == {"exclude": True, "op_names": ["a", "b", "c"]}
-    with pytest.raises(ValueError, match="no \\(quantized, float\\) cost for \\['d'\\]"):
-        auto_mixed_precision(resnet20_cifar(), W4A4, torch.randn(4, 3, 32, 32), budget=1.2,
-                             cost={k: v for k, v in costs.items() if k != "d"}, sensitivity=rows)
+    assert measured == [[], ["d"], ["a"], ["a", "b"], ["a", "b", "c"]]  # one measurement per candidate
 
 
 @pytest.mark.parametrize("goal, message", [

@@ -144,3 +144,20 @@ def test_int32_bias_folds_back_to_float_for_float_bias_backends():
     assert sum(n.op_type == "DequantizeLinear" for n in folded.graph.node) == \
         sum(n.op_type == "DequantizeLinear" for n in annotated.graph.node) - 4  # one bias per layer
     np.testing.assert_allclose(_run(folded, x.numpy()), _run(annotated, x.numpy()), atol=1e-6)
+
+
+def test_low_bit_clips_run_on_uint8_codes():
+    affine = {"quant_scheme": "per_tensor_affine", "quant_dtype": "uint"}
+    annotated, _, x, _ = _annotated(
+        [{"quant_types": ["input", "weight"], "quant_bits": 4, "op_types": ["Conv2d", "Linear"],
+          "quant_scheme": {"input": "per_tensor_affine", "weight": "per_channel_symmetric"},
+          "quant_dtype": {"input": "uint", "weight": "int"}},
+         {"quant_types": ["output"], "quant_bits": 4, "op_names": ["relu1", "relu2", "relu3"], **affine}])
+    assert any(n.op_type == "Clip" for n in annotated.graph.node)
+    refined, _ = refine_for_onnxruntime(annotated)
+    inits = {t.name: t for t in refined.graph.initializer}
+    clips = [n for n in refined.graph.node if n.op_type == "Clip"]
+    assert clips and all(inits[n.input[1]].data_type == TensorProto.UINT8 for n in clips)
+    producers = {o: n for n in refined.graph.node for o in n.output}
+    assert all(producers[n.input[0]].op_type != "DequantizeLinear" for n in clips)  # reads codes, not floats
+    np.testing.assert_array_equal(_run(refined, x.numpy(), optimize=True), _run(annotated, x.numpy(), optimize=True))

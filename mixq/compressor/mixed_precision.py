@@ -17,7 +17,7 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -31,7 +31,7 @@ from .wrapper import QuantizerModuleWrapper
 logger = logging.getLogger(__name__)
 
 EvalFn = Callable[[nn.Module], float]
-Costs = Mapping[str, Tuple[float, float]]
+ConfigCost = Callable[[List[Dict[str, Any]]], float]
 COSTS = ("latency", "size")
 _BATCH = 256
 
@@ -198,7 +198,7 @@ def layer_costs(model: nn.Module, layers: Sequence[str], example_input: torch.Te
 
 def auto_mixed_precision(model: nn.Module, config_list: List[Dict[str, Any]], calib_data: Any,
                          eval_fn: Optional[EvalFn] = None, *, max_drop: Optional[float] = None,
-                         budget: Optional[float] = None, cost: Union[str, Costs] = "latency",
+                         budget: Optional[float] = None, cost: Union[str, ConfigCost] = "latency",
                          int8_speedup: float = 3.5,
                          sensitivity: Optional[Sequence[LayerSensitivity]] = None,
                          num_samples: int = 512) -> List[Dict[str, Any]]:
@@ -209,11 +209,14 @@ def auto_mixed_precision(model: nn.Module, config_list: List[Dict[str, Any]], ca
     * ``max_drop`` (needs ``eval_fn``): the fewest float layers whose quantized model stays
       within ``max_drop`` of the float model's ``eval_fn``; layers are reverted in sensitivity
       order and the count is found by bisection on measured ``eval_fn`` values.
-    * ``budget``: predicted cost at most ``budget`` times that of quantizing every layer (1.25
-      keeps 80% of the speedup); layers are reverted greedily by predicted loss saved per unit of
-      cost added. ``cost`` is ``'latency'`` or ``'size'`` (the models of :func:`layer_costs`) or a
-      mapping ``{layer: (cost quantized, cost in float)}`` of measured costs, whose quantized
-      costs sum to the uniformly quantized model's.
+    * ``budget``: cost at most ``budget`` times that of quantizing every layer (1.25 keeps 80% of
+      the speedup). With ``cost='latency'`` or ``'size'`` (the models of :func:`layer_costs`) layers
+      are reverted greedily by predicted loss saved per unit of cost added. With a callable
+      ``cost(config_list) -> float`` that measures a whole config (an engine's latency, say),
+      layers are tried in sensitivity order and each is kept only if the measured config stays
+      within the budget: one measurement per candidate, and no assumption that costs add up
+      (on ONNX Runtime a float layer between integer ones also costs the Q/DQ around it and the
+      fusions it breaks, so they do not).
 
     Only layers with quantized weights (conv/linear) are candidates; activation-only entries stay as
     configured. ``sensitivity`` reuses a :func:`layer_sensitivity` table. ``model`` is not modified.
@@ -229,7 +232,9 @@ def auto_mixed_precision(model: nn.Module, config_list: List[Dict[str, Any]], ca
     rows = list(sensitivity) if sensitivity is not None else layer_sensitivity(model, config_list, data, eval_fn,
                                                                                 num_samples)
     rows = [r for r in rows if "weight" in r.bits]
-    if budget is not None:
+    if budget is not None and callable(cost):
+        keep = _within_measured_budget(config_list, rows, budget, cost)
+    elif budget is not None:
         keep = _within_budget(model, rows, data, budget, cost, int8_speedup)
     else:
         keep = _within_drop(model, config_list, data, rows, eval_fn, max_drop)
@@ -237,16 +242,9 @@ def auto_mixed_precision(model: nn.Module, config_list: List[Dict[str, Any]], ca
     return keep_float_layers(config_list, keep)
 
 
-def _within_budget(model: nn.Module, rows: List[LayerSensitivity], data: torch.Tensor, budget: float,
-                   cost: Union[str, Costs], int8_speedup: float) -> List[str]:
-    names = [r.name for r in rows]
-    if isinstance(cost, str):
-        costs = layer_costs(model, names, data, cost, int8_speedup)
-    else:
-        missing = [n for n in names if n not in cost]
-        if missing:
-            raise ValueError(f"cost gives no (quantized, float) cost for {missing}; measure every candidate layer")
-        costs = cost
+def _within_budget(model: nn.Module, rows: List[LayerSensitivity], data: torch.Tensor, budget: float, cost: str,
+                   int8_speedup: float) -> List[str]:
+    costs = layer_costs(model, [r.name for r in rows], data, cost, int8_speedup)
     total = sum(c[0] for c in costs.values())
     limit = budget * total
     by_value = sorted(rows, key=lambda r: r.predicted_loss() / max(costs[r.name][1] - costs[r.name][0], 1e-12),
@@ -257,6 +255,20 @@ def _within_budget(model: nn.Module, rows: List[LayerSensitivity], data: torch.T
         if row.predicted_loss() > 0 and total + added <= limit:
             keep.append(row.name)
             total += added
+    return keep
+
+
+def _within_measured_budget(config_list: List[Dict[str, Any]], rows: List[LayerSensitivity], budget: float,
+                            cost: ConfigCost) -> List[str]:
+    limit = budget * cost(config_list)
+    keep: List[str] = []
+    for row in sorted(rows, key=lambda r: r.predicted_loss(), reverse=True):
+        if row.predicted_loss() <= 0:
+            break
+        measured = cost(keep_float_layers(config_list, keep + [row.name]))
+        logger.info("%s in float too: cost %.4g (limit %.4g)", row.name, measured, limit)
+        if measured <= limit:
+            keep.append(row.name)
     return keep
 
 

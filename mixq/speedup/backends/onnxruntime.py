@@ -5,6 +5,7 @@ with a QuantizeLinear after every Conv/Gemm/MatMul. The backend refines the anno
 without changing what it computes:
 
 * activation Q/DQ pairs are re-encoded from int8 to uint8 (zero point + 128: the same grid);
+* the float Clip that narrows a 2-7 bit grid (DQ -> Clip -> Q) becomes a Clip of the uint8 codes;
 * a ReLU (or a Clip acting as one) between a DQ and a Q on the same grid with zero point 0
   (affine uint8 ranges starting at 0) is dropped: the codes are already non-negative, the
   integer kernel before it saturates for it;
@@ -133,6 +134,33 @@ class _Refiner:
                 or readers[0].op_type != "QuantizeLinear" or node.output[0] in self.graph_outputs:
             return None
         return dq, readers[0]
+
+    def clip_codes(self) -> None:
+        """DQ -> Clip -> Q on one grid (a 2-7 bit grid stored in 8 bits, a ReLU6) becomes a Clip
+        of the uint8 codes: the same values, and the integer kernels around it stay fused."""
+        for clip in list(self.model.graph.node):
+            if clip.op_type != "Clip" or len(clip.input) != 3:
+                continue
+            pair = self._dq_op_q(clip)
+            if pair is None or any(name not in self.constants for name in clip.input[1:]):
+                continue
+            dq, q = pair
+            scale, zp = self._grid(dq)
+            if self._grid(q) != (scale, zp) or dq.input[0] in self.inits:
+                continue
+            # Q(clip(DQ(c), lo, hi)) == clamp(c, Q(lo), Q(hi)) for every code c: Q is monotone
+            codes = [_quantize_u8(numpy_helper.to_array(self.constants[n]), scale, zp) for n in clip.input[1:]]
+            bounds = [self._const_u8(f"{clip.name}/code_{side}", c) for side, c in zip(("min", "max"), codes)]
+            clip.input[0], clip.input[1], clip.input[2] = dq.input[0], bounds[0], bounds[1]
+            clip.output[0] = q.output[0]
+            q.output[0] = f"{q.output[0]}/unused"
+        self._prune()
+
+    def _const_u8(self, name: str, value: int) -> str:
+        tensor = numpy_helper.from_array(np.array(value, dtype=np.uint8), name)
+        self.model.graph.initializer.append(tensor)
+        self.inits[name] = self.constants[name] = tensor
+        return name
 
     def drop_identity_requantization(self) -> None:
         """Bypass DQ -> [ReLU] -> Q chains that give back the very codes they read: equal
@@ -276,9 +304,16 @@ class _Refiner:
         self.pool_before_relu()
         self.align_conv_channels()
         self.relu_to_lookup()
+        self.clip_codes()
         self.fp16_to_fp32()
         self.prune_initializers()
         return self.model, sorted(self.absorbed)
+
+
+def _quantize_u8(value: np.ndarray, scale: float, zp: int) -> int:
+    """ONNX QuantizeLinear of one value to uint8 (float32 division, round half to even, saturate)."""
+    code = np.rint(np.float32(value) / np.float32(scale)) + zp
+    return int(np.clip(code, 0, 255))
 
 
 def refine_for_onnxruntime(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, List[str]]:
