@@ -9,7 +9,6 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
-from onnx import numpy_helper
 
 from mixq.compressor import unwrapped_copy
 from mixq.quantizers import ObserverQuantizer
