@@ -4,7 +4,7 @@ The standard CIFAR ResNet-18 (3x3 stride-1 stem, no max-pool). Reads the python-
 CIFAR-10 layout (``cifar-10-batches-py``) from --data-dir, using whichever training batches it
 holds; downloads the archive when the folder is missing and a network exists.
 
-  python3 examples/cifar_speedup.py --data-dir ../shared/data           # ~25 min on 2 CPU cores
+  python3 examples/cifar_speedup.py --data-dir ../shared/data           # ~15 min on 2 CPU cores (10,000 images)
   python3 examples/cifar_speedup.py --data-dir ../shared/data --quick   # ~2 min, for CI
 """
 import sys

@@ -4,8 +4,8 @@ Trains NNI's MNIST model, quantizes it three ways along both paths, builds an en
 each on the chosen backend and prints: average bits, latency per batch, speedup over the
 fp32 engine, accuracy, ONNX size and the per-layer precision that actually ran.
 
-  python3 examples/mnist_speedup.py                        # ~2 min on 2 CPU cores
-  python3 examples/mnist_speedup.py --quick                # ~30 s, for CI
+  python3 examples/mnist_speedup.py                        # ~20 s on 2 CPU cores
+  python3 examples/mnist_speedup.py --quick                # ~10 s, for CI
   python3 examples/mnist_speedup.py --data-dir ~/data      # torchvision layout; downloads if missing
 
 Without --data-dir it uses the official MNIST test set vendored in examples/data, split
@@ -48,7 +48,7 @@ def load_data(data_dir, no_download):
 
 
 def main() -> int:
-    parser = build_parser(__doc__.splitlines()[0], epochs=3, quick_note="1 epoch, short QAT, few timing runs (~30 s)")
+    parser = build_parser(__doc__.splitlines()[0], epochs=3, quick_note="1 epoch, short QAT, few timing runs (~10 s)")
     args = parser.parse_args()
     quiet_libraries()
     train, test = load_data(args.data_dir, args.no_download)
