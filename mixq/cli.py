@@ -52,6 +52,11 @@ def calibration_table(config: CalibrationConfig) -> str:
     return format_table(["layer", "type", "weight", "input", "output"], rows)
 
 
+def _dynamic_batch(shape: Sequence[int]) -> str:
+    """``[N, 1, 28, 28]``: an engine's batch axis is dynamic."""
+    return "[" + ", ".join(["N"] + [str(d) for d in shape[1:]]) + "]"
+
+
 def engine_table(path: str) -> str:
     """Header and per-layer table of a saved engine: calibration cells plus requested vs actual precision."""
     from .speedup.engine_file import read_engine_file
@@ -62,8 +67,9 @@ def engine_table(path: str) -> str:
         entry = calibration.get(r["layer"], {})
         rows.append([r["layer"], _weight_cell(entry), _activation_cell(entry, "input"), _activation_cell(entry, "output"),
                      r["requested"], r["actual"], r.get("reason", "")])
+    inputs = ", ".join(f"{name} {_dynamic_batch(shape)}" for name, shape in zip(meta["input_names"], meta["input_shapes"]))
     head = (f"{meta['backend']} {meta['backend_version']} engine {path} ({len(payload) / 1024:.0f} KB), "
-            f"inputs {meta['input_names']} {meta['input_shapes']}, outputs {meta['output_names']}")
+            f"inputs {inputs}, outputs {', '.join(meta['output_names'])}")
     return head + "\n" + format_table(["layer", "weight", "input", "output", "requested", "actual", "reason"], rows)
 
 

@@ -1,5 +1,10 @@
-"""Shared fixtures: the vendored MNIST split and an fp32 MNIST model trained once per session."""
+"""Shared fixtures: the vendored MNIST split and an fp32 MNIST model trained once per session.
+
+Tests parametrized with ``exporter='dynamo'`` are skipped, saying why, where the optional
+``onnxscript`` package (``pip install mixq[dynamo]``, part of ``mixq[test]``) is missing.
+"""
 import copy
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -7,6 +12,20 @@ import torch
 
 from mixq.datasets import load_mnist, shared_data_dir
 from mixq.models import MnistNet, accuracy, train_epochs
+from mixq.speedup.onnx_export import DYNAMO_INSTALL_HINT
+
+HAS_ONNXSCRIPT = importlib.util.find_spec("onnxscript") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the dynamo-exporter cases when onnxscript is not installed."""
+    if HAS_ONNXSCRIPT:
+        return
+    skip = pytest.mark.skip(reason=f"exporter='dynamo' needs onnxscript: {DYNAMO_INSTALL_HINT}")
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("exporter") == "dynamo":
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """The saved-engine container: a zip holding ``meta.json`` and the backend's ``payload.bin``.
 
 ``meta.json`` records the mixq engine format and version, the backend and its version, the
-I/O names and shapes, the layer -> node map and the precision report. Reading checks all of
+I/O names and shapes, the layer -> node map, the precision report and the calibration config. Reading checks all of
 it and raises :class:`EngineFormatError` naming the problem and the fix. Writing is atomic
 (temporary file + rename). Nothing is unpickled.
 """
@@ -13,6 +13,7 @@ import tempfile
 import zipfile
 from typing import Any, Dict, Optional, Tuple
 
+from ..compressor.calibration import FORMAT_NAME as CALIBRATION_FORMAT
 from .backends.base import EngineFormatError
 
 FORMAT_NAME = "mixq-engine"
@@ -39,6 +40,16 @@ def write_engine_file(path: str, meta: Dict[str, Any], payload: bytes) -> None:
         raise
 
 
+def _is_calibration_file(path: str) -> bool:
+    """True when ``path`` holds a mixq calibration JSON (what users pass for an engine by mistake)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(document, dict) and document.get("format") == CALIBRATION_FORMAT
+
+
 def read_engine_file(path: str, backend: Optional[str] = None,
                      backend_version: Optional[str] = None) -> Tuple[Dict[str, Any], bytes]:
     """``(meta, payload)`` of an engine file; checks format, version and (if given) backend."""
@@ -53,6 +64,10 @@ def read_engine_file(path: str, backend: Optional[str] = None,
             meta = json.loads(zf.read(META).decode("utf-8"))
             payload = zf.read(PAYLOAD)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if _is_calibration_file(path):
+            raise EngineFormatError(f"{path} is a mixq calibration file, not an engine: build an engine from it with "
+                                    "ModelSpeedup(model, input_shape, config=<this file>).compress() and save it "
+                                    "with export_quantized_model") from None
         raise EngineFormatError(f"{path} is not a readable mixq engine file ({exc}); it may be truncated or "
                                 "corrupt: export it again with export_quantized_model") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:

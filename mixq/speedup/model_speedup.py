@@ -382,7 +382,7 @@ class ModelSpeedup:
                 "backend_version": self._backend.version(), "input_names": self.input_names,
                 "output_names": self.output_names, "input_shapes": [list(s) for s in self.input_shapes],
                 "batchsize": self.batchsize, "layer_nodes": self._layer_nodes,
-                "precision_report": self._report}
+                "precision_report": self._report, "calibration": self.config or {}}
         write_engine_file(path, meta, engine.serialize())
         logger.info("saved %s engine to %s", self.backend_name, path)
 
@@ -402,6 +402,7 @@ class ModelSpeedup:
         self.backend_name = meta["backend"]
         self.num_threads = num_threads or _default_threads()
         self.input_names, self.output_names = list(meta["input_names"]), list(meta["output_names"])
+        self.config = meta.get("calibration") or None
         self.plan = None
         self.annotated_model = None
         self._backend = backend

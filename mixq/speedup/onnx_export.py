@@ -11,8 +11,9 @@ TorchScript is the default because it is about ten times faster to run (0.1 s ag
 on the models here), keeps operators that backends fuse well (``Flatten``,
 ``GlobalAveragePool``, ``Gemm``; the dynamo exporter writes ``ReduceMean`` + ``Reshape``) and
 names every node after its module scope. Both are mapped back to module names by
-:mod:`mixq.speedup.module_map`. Exporter deprecation notices and progress logs are silenced:
-the user cannot act on them.
+:mod:`mixq.speedup.module_map`. The dynamo exporter needs the ``onnxscript`` package
+(``pip install mixq[dynamo]``); without it ``exporter='dynamo'`` fails naming that command.
+Exporter deprecation notices and progress logs are silenced: the user cannot act on them.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_EXPORTER = "torchscript"
 OPSET = {"torchscript": 17, "dynamo": 18}
 BATCH_AXIS_NAME = "batch"
+DYNAMO_INSTALL_HINT = 'pip install "mixq[dynamo]" (from a source checkout: pip install -e ".[dynamo]")'
 
 
 @dataclass
@@ -159,6 +161,19 @@ def _export_torchscript(model: nn.Module, inputs: Tuple[torch.Tensor, ...], inpu
     return onnx.load_from_string(buffer.getvalue())
 
 
+def check_exporter(exporter: str) -> None:
+    """Raise ValueError for an unknown exporter, ModuleNotFoundError naming the install command
+    when the dynamo exporter's ``onnxscript`` package is missing."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; use one of {list(EXPORTERS)}")
+    if exporter == "dynamo":
+        try:
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise ModuleNotFoundError(f"exporter='dynamo' needs the onnxscript package: {DYNAMO_INSTALL_HINT}; "
+                                      "or use exporter='torchscript' (the default)", name="onnxscript") from None
+
+
 def _export_dynamo(model: nn.Module, inputs: Tuple[torch.Tensor, ...], input_names: List[str],
                    output_names: List[str]) -> onnx.ModelProto:
     batch = torch.export.Dim(BATCH_AXIS_NAME, min=1)
@@ -208,8 +223,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], fold: 
     ``model`` itself is not modified. Inputs are named ``input`` / ``input_<i>``, outputs
     ``output`` / ``output_<i>``.
     """
-    if exporter not in EXPORTERS:
-        raise ValueError(f"unknown exporter {exporter!r}; use one of {list(EXPORTERS)}")
+    check_exporter(exporter)
     clone = copy.deepcopy(model).cpu().eval()
     for p in clone.parameters():
         p.requires_grad_(False)
