@@ -7,13 +7,18 @@ speedup code never looks inside a backend; a backend never reinterprets the conf
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
 
+if TYPE_CHECKING:
+    import torch
+
 PRECISIONS = ("int8", "fp16", "fp32")
+UNKNOWN = "unknown"  # a node the backend built but cannot attribute a precision to (never report it fp32)
 
 
 class BackendUnavailable(RuntimeError):
@@ -30,7 +35,9 @@ class BuildOptions:
 
     ``max_batch`` bounds the dynamic batch axis (TensorRT optimization profile);
     ``num_threads`` is the CPU thread count (ONNX Runtime); ``workspace_bytes`` the
-    device memory pool limit (TensorRT).
+    device memory pool limit (TensorRT). ``extra`` holds backend-specific options (TensorRT:
+    ``layer_nodes``, the plan's ``{config layer: [node names]}`` for error messages, and
+    ``timing_cache``, see :mod:`.tensorrt_timing_cache`).
     """
 
     max_batch: int = 128
@@ -63,6 +70,29 @@ class Engine(abc.ABC):
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op on CPU); called before reading the clock."""
 
+    def run_torch(self, inputs: Sequence["torch.Tensor"]) -> List["torch.Tensor"]:
+        """Run one batch of torch tensors; outputs come back on the first input's device.
+
+        The default goes through :meth:`run` (numpy on the host); a device backend overrides it to
+        keep device tensors on the device (no host round trip).
+        """
+        import torch
+
+        device = inputs[0].device if len(inputs) else torch.device("cpu")
+        outputs = self.run([t.detach().cpu().numpy() for t in inputs])
+        return [torch.from_numpy(np.ascontiguousarray(o)).to(device) for o in outputs]
+
+    def run_torch_timed(self, inputs: Sequence["torch.Tensor"]) -> Tuple[List["torch.Tensor"], float]:
+        """:meth:`run_torch` and its duration in seconds.
+
+        The default is the wall clock around the call and :meth:`synchronize`; a device backend
+        measures its own device work instead (CUDA events around its stream's work).
+        """
+        start = time.perf_counter()
+        outputs = self.run_torch(inputs)
+        self.synchronize()
+        return outputs, time.perf_counter() - start
+
 
 class Backend(abc.ABC):
     """Factory for engines of one kind."""
@@ -76,6 +106,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def version(self) -> str:
         """Version of the runtime library, recorded in saved engines."""
+
+    def prepare(self, model: onnx.ModelProto,
+                layer_nodes: Optional[Mapping[str, Sequence[str]]] = None) -> onnx.ModelProto:
+        """The graph this backend would build from ``model``, checked against the backend's rules
+        on the CPU, before any build (``layer_nodes``, the plan's ``{config layer: [node names]}``,
+        lets errors name config layers). Raises ``ValueError`` for a graph the backend cannot
+        build. The default returns ``model`` unchanged; ``build`` must accept either."""
+        return model
 
     @abc.abstractmethod
     def build(self, model: onnx.ModelProto, options: BuildOptions) -> Engine:

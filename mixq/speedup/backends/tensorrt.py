@@ -3,18 +3,25 @@
 TensorRT 10 and 11 only, through their documented Python API (docs.nvidia.com/deeplearning/
 tensorrt, "TensorRT Python API" and the 10.x -> 11.x migration guides):
 
+* prepare (CPU, no ``tensorrt`` needed): :func:`~.tensorrt_prepare.prepare_for_tensorrt` folds
+  int32 bias DequantizeLinear nodes into float biases, makes zero points zero where exact, moves
+  the opset into the parser's range and runs the conformance checker
+  (:mod:`.tensorrt_rules`), so a graph TensorRT would reject fails before any build, naming
+  the config layer and the key to change.
 * build: ``Builder.create_network`` (strongly typed: the ``STRONGLY_TYPED`` creation flag on
   10.x; 11.x networks are always strongly typed), ``OnnxParser.parse``, ``IBuilderConfig``
   (``set_memory_pool_limit(MemoryPoolType.WORKSPACE, ...)``, ``profiling_verbosity =
-  DETAILED``), one ``IOptimizationProfile`` for the dynamic batch axis, and
+  DETAILED``, TF32 off so an fp32 layer really runs in fp32, a persistent ``ITimingCache``: see
+  :mod:`.tensorrt_timing_cache`), one ``IOptimizationProfile`` for the dynamic batch axis, and
   ``build_serialized_network``. Precision comes only from the graph (Q/DQ pairs for int8,
-  Casts for fp16); TF32 is switched off so that an fp32 layer really runs in fp32.
-* run: ``Runtime.deserialize_cuda_engine``, the name-based I/O tensor API (``num_io_tensors``,
-  ``get_tensor_name/mode/dtype/shape``, ``set_input_shape``, ``set_tensor_address``) and
-  ``execute_async_v3`` on a non-default ``torch.cuda.Stream`` with torch CUDA tensors as
-  buffers, so no other CUDA binding is needed.
-* report: ``ICudaEngine.create_engine_inspector().get_engine_information(JSON)``, parsed by
-  :func:`precisions_from_inspector_json` (pure, testable without a GPU).
+  Casts for fp16).
+* run: ``Runtime.deserialize_cuda_engine``, the name-based I/O tensor API and
+  ``execute_async_v3`` on the engine's own non-default ``torch.cuda.Stream`` with torch CUDA
+  tensors as buffers (no other CUDA binding needed). :meth:`TensorRTEngine.run_torch` keeps
+  CUDA tensors on the device; :meth:`TensorRTEngine.run_torch_timed` times the device work with
+  CUDA events.
+* report: the engine inspector's JSON, parsed by :mod:`.tensorrt_inspector`; a node no layer
+  maps is reported ``'unknown'``, never ``'fp32'``.
 
 A serialized engine only loads in the TensorRT version (and on the GPU architecture) that
 built it, and it is executable code: load only engines you built yourself.
@@ -22,25 +29,29 @@ built it, and it is executable code: load only engines you built yourself.
 from __future__ import annotations
 
 import collections
-import json
+import contextlib
 import logging
-import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 import onnx
 import torch
 
 from .base import Backend, BackendUnavailable, BuildOptions, Engine, EngineFormatError
+from .tensorrt_inspector import UNKNOWN, precisions_from_inspector_json, with_unmapped
+from .tensorrt_prepare import prepare_for_tensorrt
+from .tensorrt_rules import TensorRTConformanceError
+from .tensorrt_timing_cache import attach_timing_cache, save_timing_cache, timing_cache_path
 
 logger = logging.getLogger(__name__)
 
 MIN_TENSORRT_MAJOR = 10
 _INSTALL_HINT = "pip install mixq[tensorrt]"
-_ORDER = {"int8": 0, "fp16": 1, "fp32": 2}
-_ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
-# Layers that only move data between layouts / streams: they carry no compute precision.
-_DATA_MOVEMENT_LAYER_TYPES = {"reformat", "noop", "signal", "wait"}
+_T = TypeVar("_T")
+
+__all__ = ["TensorRTBackend", "TensorRTEngine", "TensorRTBuildError", "TensorRTConformanceError",
+           "precisions_from_inspector_json", "UNKNOWN"]
 
 
 class TensorRTBuildError(RuntimeError):
@@ -48,125 +59,7 @@ class TensorRTBuildError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-layer precision from the engine inspector's JSON (pure functions)
-# ---------------------------------------------------------------------------------------------
-
-def _precision_of_type(text: str) -> Optional[str]:
-    """'int8' | 'fp16' | 'fp32' for a TensorRT data type or format description, else None.
-
-    Accepts the plain type names (``Int8``, ``UInt8``, ``Half``, ``BFloat16``, ``Float``) and
-    the long format strings (``Thirty-two wide channel vectorized row major Int8 format``,
-    ``Channel major FP16 format where channel % 8 == 0``, ``Row major linear FP32``).
-    Integer index types (Int32/Int64), Bool and FP8/FP4 give None. BFloat16 counts as 'fp16'
-    (a 16-bit float; the report has no separate bf16 entry).
-    """
-    low = text.lower()
-    if re.search(r"\bu?int8\b", low):
-        return "int8"
-    if re.search(r"\b(half|fp16|b?float16|bf16)\b", low):
-        return "fp16"
-    if re.search(r"\b(float|fp32)\b", low):
-        return "fp32"
-    return None
-
-
-def _tensor_precision(tensor: Dict[str, Any]) -> Optional[str]:
-    """Precision of one tensor entry of a layer's ``Inputs``/``Outputs``.
-
-    TensorRT 10 writes one combined ``"Format/Datatype"`` string; TensorRT 11 splits it into
-    ``"DataType"`` and ``"Format"``. The explicit data type wins when present.
-    """
-    for key in ("DataType", "Format/Datatype", "Format/DataType", "Format"):
-        value = tensor.get(key)
-        if isinstance(value, str):
-            found = _precision_of_type(value)
-            if found is not None:
-                return found
-    return None
-
-
-def _layer_precision(layer: Dict[str, Any]) -> Optional[str]:
-    """The precision a layer computes in.
-
-    That of its first input with a float/int8 type (shape tensors and booleans are skipped),
-    narrowed by the type of its embedded ``Weights`` when those are narrower: a convolution
-    that reads fp32 and converts it itself (a fused Cast) still runs on fp16 weights.
-    """
-    found = None
-    for tensor in layer.get("Inputs") or []:
-        if isinstance(tensor, dict):
-            found = _tensor_precision(tensor)
-            if found is not None:
-                break
-    weights = layer.get("Weights")
-    if found is not None and isinstance(weights, dict) and isinstance(weights.get("Type"), str):
-        weight_precision = _precision_of_type(weights["Type"])
-        if weight_precision is not None and _ORDER[weight_precision] < _ORDER[found]:
-            found = weight_precision
-    return found
-
-
-def _layer_onnx_nodes(layer: Dict[str, Any]) -> List[str]:
-    """ONNX node names fused into one engine layer.
-
-    The ONNX parser records them in ``Metadata`` as ``[ONNX Layer: <node name>]`` entries,
-    separated by ASCII unit/record separators when several nodes were fused. Without
-    metadata the layer name itself is used: fused layers are named ``"a + b + c"``.
-    """
-    metadata = layer.get("Metadata")
-    if isinstance(metadata, str):
-        names = _ONNX_LAYER.findall(metadata)
-        if names:
-            return [n.strip() for n in names]
-    name = layer.get("Name")
-    if not isinstance(name, str):
-        return []
-    return [part.strip() for part in name.split(" + ") if part.strip()]
-
-
-def _is_data_movement(layer: Dict[str, Any]) -> bool:
-    layer_type = str(layer.get("LayerType", "")).lower()
-    name = str(layer.get("Name", ""))
-    return layer_type in _DATA_MOVEMENT_LAYER_TYPES or name.startswith("Reformatting CopyNode")
-
-
-def precisions_from_inspector_json(text: str) -> Dict[str, str]:
-    """Map ONNX node name -> 'int8' | 'fp16' | 'fp32' from ``get_engine_information(JSON)``.
-
-    The engine must have been built with ``ProfilingVerbosity.DETAILED`` (otherwise
-    ``Layers`` holds bare names and this raises ``ValueError``). Each compute layer's
-    precision (:func:`_layer_precision`) goes to every ONNX node fused into the layer;
-    reformat/no-op layers are skipped. A node that appears in several layers gets the widest
-    precision among them, so it is reported 'int8' only if all of it ran in int8.
-    """
-    try:
-        # TensorRT may write the metadata separators as raw control characters.
-        info = json.loads(text, strict=False)
-    except ValueError as exc:
-        raise ValueError(f"engine inspector output is not valid JSON: {exc}") from exc
-    layers = info.get("Layers") if isinstance(info, dict) else None
-    if not isinstance(layers, list):
-        raise ValueError("engine inspector output has no 'Layers' list")
-    if layers and not all(isinstance(layer, dict) for layer in layers):
-        raise ValueError(
-            "engine inspector reports layer names only: the engine was built without "
-            "ProfilingVerbosity.DETAILED, so per-layer precisions are unknown; rebuild it")
-    result: Dict[str, str] = {}
-    for layer in layers:
-        if _is_data_movement(layer):
-            continue
-        precision = _layer_precision(layer)
-        if precision is None:
-            continue
-        for node in _layer_onnx_nodes(layer):
-            old = result.get(node)
-            if old is None or _ORDER[precision] > _ORDER[old]:
-                result[node] = precision
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# TensorRT runtime helpers (import tensorrt lazily)
+# Loading tensorrt
 # ---------------------------------------------------------------------------------------------
 
 def _major(version: str) -> int:
@@ -176,24 +69,47 @@ def _major(version: str) -> int:
         return 0
 
 
-def _import_tensorrt() -> Any:
-    """Import ``tensorrt`` and check that it is usable here, or raise BackendUnavailable."""
+def _load_tensorrt() -> Any:
+    """``import tensorrt``; a missing or broken install becomes BackendUnavailable naming the fix."""
     try:
         import tensorrt as trt
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        if exc.name == "tensorrt":
+            raise BackendUnavailable(
+                f"the TensorRT backend needs the 'tensorrt' package (TensorRT {MIN_TENSORRT_MAJOR} or newer), "
+                f"which is not installed: {_INSTALL_HINT}") from exc
         raise BackendUnavailable(
-            f"the TensorRT backend needs the 'tensorrt' package (TensorRT "
-            f"{MIN_TENSORRT_MAJOR} or newer), which is not installed: {_INSTALL_HINT}") from exc
+            f"the 'tensorrt' package is installed but its dependency {exc.name!r} is missing: reinstall it "
+            f"with pip install --force-reinstall 'mixq[tensorrt]'") from exc
+    except (ImportError, OSError, RuntimeError) as exc:  # e.g. libnvinfer missing, CUDA driver too old
+        raise BackendUnavailable(
+            f"the 'tensorrt' package is installed but cannot be loaded ({type(exc).__name__}: {exc}); its "
+            "libraries must match this machine's CUDA driver: reinstall with pip install --force-reinstall "
+            "'mixq[tensorrt]' (or the tensorrt-cu12 / tensorrt-cu13 wheel matching `nvidia-smi`)") from exc
     version = getattr(trt, "__version__", "unknown")
     if _major(version) < MIN_TENSORRT_MAJOR:
         raise BackendUnavailable(
             f"TensorRT {version} is too old: mixq builds strongly typed networks with the "
             f"TensorRT {MIN_TENSORRT_MAJOR}+ API: pip install -U 'mixq[tensorrt]'")
-    if not torch.cuda.is_available():
+    return trt
+
+
+def _import_tensorrt(device: Optional[torch.device] = None) -> Any:
+    """``tensorrt``, checked usable with buffers on ``device`` (default: a CUDA device)."""
+    trt = _load_tensorrt()
+    if (device is None or device.type == "cuda") and not torch.cuda.is_available():
         raise BackendUnavailable(
             "TensorRT needs an NVIDIA GPU and a CUDA build of PyTorch "
             "(torch.cuda.is_available() is False); backend='onnxruntime' runs on CPU")
     return trt
+
+
+def _installed_version() -> Optional[str]:
+    """The installed TensorRT version, or None when it is absent or broken (no GPU needed)."""
+    try:
+        return str(_load_tensorrt().__version__)
+    except BackendUnavailable:
+        return None
 
 
 _TRT_LOGGER = None
@@ -270,20 +186,75 @@ def _batch_profile(shape: Tuple[int, ...], name: str, options: BuildOptions
     return (1,) + rest, (opt,) + rest, (options.max_batch,) + rest
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 # ---------------------------------------------------------------------------------------------
-# Engine and backend
+# Engine
 # ---------------------------------------------------------------------------------------------
+
+class _Stream:
+    """The engine's non-default CUDA stream, with CUDA-event timing. Buffers on the CPU (only a
+    stand-in TensorRT accepts them: the CPU tests) get a synchronous host stand-in."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device=device) if self.cuda else None
+
+    @property
+    def handle(self) -> int:
+        return self.stream.cuda_stream if self.cuda else 0
+
+    def context(self) -> Any:
+        return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+
+    def after_caller(self) -> None:
+        """Order this stream after the work the caller queued on its current stream (the inputs)."""
+        if self.cuda:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def before_caller(self, outputs: Sequence[torch.Tensor]) -> None:
+        """Order the caller's current stream after this stream's work (the outputs)."""
+        if self.cuda:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            for tensor in outputs:
+                tensor.record_stream(current)
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            self.stream.synchronize()
+
+    def timed(self, work: Callable[[], _T]) -> Tuple[_T, float]:
+        """``work()`` and the seconds the stream spent on what it queued (CUDA events)."""
+        if not self.cuda:
+            start = time.perf_counter()
+            result = work()
+            return result, time.perf_counter() - start
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record(self.stream)
+        result = work()
+        end.record(self.stream)
+        end.synchronize()
+        return result, begin.elapsed_time(end) / 1e3
+
 
 class TensorRTEngine(Engine):
-    """A deserialized TensorRT engine with one execution context and its own CUDA stream.
+    """A deserialized TensorRT engine with one execution context and its own CUDA stream. Not
+    thread-safe.
 
-    ``run`` copies the numpy inputs to the GPU, executes, and copies the outputs back, all
-    on the engine's stream; it returns after the results are on the host. Not thread-safe.
+    ``device`` is where I/O buffers live: the current CUDA device by default (TensorRT only
+    reads device memory; the CPU is accepted for tests with a stand-in ``tensorrt``).
+    ``nodes`` are the ONNX node names of the graph it was built from: those the inspector does
+    not map are reported ``'unknown'``.
     """
 
     backend = "tensorrt"
 
-    def __init__(self, trt: Any, payload: bytes) -> None:
+    def __init__(self, trt: Any, payload: bytes, device: Optional[torch.device] = None,
+                 nodes: Sequence[str] = ()) -> None:
         self._trt = trt
         self._logger = _trt_logger(trt)
         self._logger.errors.clear()
@@ -302,13 +273,18 @@ class TensorRTEngine(Engine):
             raise RuntimeError(f"TensorRT could not create an execution context "
                                f"({_recent_errors(self._logger)})")
         self._payload = bytes(payload)
-        self._device = torch.device("cuda", torch.cuda.current_device())
-        self._stream = torch.cuda.Stream(device=self._device)
+        self._device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self._stream = _Stream(self._device)
         self._dtypes = _torch_dtypes(trt)
+        self._nodes = list(nodes)
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         mode = trt.TensorIOMode
         self.input_names = [n for n in names if self._engine.get_tensor_mode(n) == mode.INPUT]
         self.output_names = [n for n in names if self._engine.get_tensor_mode(n) == mode.OUTPUT]
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     def _dtype(self, name: str) -> torch.dtype:
         trt_dtype = self._engine.get_tensor_dtype(name)
@@ -336,39 +312,72 @@ class TensorRTEngine(Engine):
             raise ValueError(f"input {name!r} has shape {list(shape)}; this engine accepts "
                              f"{list(expected)} (-1 = batch) with {batch}")
 
-    def run(self, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+    def _enqueue(self, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Queue input conversion, execution and output allocation on the engine's stream."""
+        ctx = self._context
+        keep = []  # device inputs stay referenced until the stream has read them
+        for name, tensor in zip(self.input_names, inputs):
+            tensor = tensor.detach().to(device=self._device, dtype=self._dtype(name)).contiguous()
+            if self._stream.cuda:
+                tensor.record_stream(self._stream.stream)
+            if not ctx.set_input_shape(name, tuple(tensor.shape)):
+                raise ValueError(f"TensorRT rejected shape {list(tensor.shape)} for input {name!r}")
+            ctx.set_tensor_address(name, tensor.data_ptr())
+            keep.append(tensor)
+        outputs = []
+        for name in self.output_names:
+            shape = tuple(ctx.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise RuntimeError(f"output {name!r} has data-dependent shape {list(shape)}, which the "
+                                   "TensorRT backend does not support")
+            tensor = torch.empty(shape, dtype=self._dtype(name), device=self._device)
+            ctx.set_tensor_address(name, tensor.data_ptr())
+            outputs.append(tensor)
+        if not ctx.execute_async_v3(self._stream.handle):
+            raise RuntimeError(f"TensorRT execution failed ({_recent_errors(self._logger)})")
+        return outputs
+
+    def _validate(self, inputs: Sequence[Any]) -> None:
         if len(inputs) != len(self.input_names):
             raise ValueError(f"this engine takes {len(self.input_names)} input(s) "
                              f"{self.input_names}, got {len(inputs)}")
-        ctx = self._context
-        with torch.cuda.stream(self._stream):
-            keep = []  # the device inputs must stay alive until the outputs are copied back
-            for name, array in zip(self.input_names, inputs):
-                array = np.ascontiguousarray(array)
-                self._check_shape(name, tuple(array.shape))
-                if not array.flags.writeable:  # torch.from_numpy wants a writeable array
-                    array = array.copy()
-                tensor = torch.from_numpy(array).to(self._device, dtype=self._dtype(name))
-                if not ctx.set_input_shape(name, tuple(tensor.shape)):
-                    raise ValueError(f"TensorRT rejected shape {list(tensor.shape)} for "
-                                     f"input {name!r}")
-                ctx.set_tensor_address(name, tensor.data_ptr())
-                keep.append(tensor)
-            outputs = []
-            for name in self.output_names:
-                shape = tuple(ctx.get_tensor_shape(name))
-                if any(d < 0 for d in shape):
-                    raise RuntimeError(f"output {name!r} has data-dependent shape "
-                                       f"{list(shape)}, which the TensorRT backend does not "
-                                       "support")
-                tensor = torch.empty(shape, dtype=self._dtype(name), device=self._device)
-                ctx.set_tensor_address(name, tensor.data_ptr())
-                outputs.append(tensor)
-            if not ctx.execute_async_v3(self._stream.cuda_stream):
-                raise RuntimeError(f"TensorRT execution failed ({_recent_errors(self._logger)})")
-            # .cpu() is queued on this stream and waits for it, so the results are complete.
-            return [(t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
-                    for t in outputs]
+        for name, tensor in zip(self.input_names, inputs):
+            self._check_shape(name, tuple(tensor.shape))  # metadata only: no device-to-host copy
+
+    def run_torch(self, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Run one batch of torch tensors (any device; CUDA ones are read in place).
+
+        Returns the outputs on the engine's device without waiting for them: the caller's current
+        CUDA stream is ordered after the engine's stream, as for any torch operation.
+        """
+        self._validate(inputs)
+        self._stream.after_caller()
+        with self._stream.context():
+            outputs = self._enqueue(inputs)
+        self._stream.before_caller(outputs)
+        return outputs
+
+    def run_torch_timed(self, inputs: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], float]:
+        """:meth:`run_torch` and the seconds its work took on the engine's stream, measured with
+        CUDA events: input copies/casts (none for float32 CUDA inputs) and the engine execution;
+        not the host-side validation before them."""
+        self._validate(inputs)
+        self._stream.after_caller()
+        with self._stream.context():
+            outputs, seconds = self._stream.timed(lambda: self._enqueue(inputs))
+        self._stream.before_caller(outputs)
+        return outputs, seconds
+
+    def run(self, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """numpy in, numpy out: copies to the device, executes, copies back (waits for the result)."""
+        tensors = []
+        for array in inputs:
+            array = np.ascontiguousarray(array)
+            if not array.flags.writeable:  # torch.from_numpy wants a writeable array
+                array = array.copy()
+            tensors.append(torch.from_numpy(array))
+        outputs = self.run_torch(tensors)
+        return [(t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy() for t in outputs]
 
     def synchronize(self) -> None:
         self._stream.synchronize()
@@ -390,24 +399,48 @@ class TensorRTEngine(Engine):
         return inspector.get_engine_information(self._trt.LayerInformationFormat.JSON)
 
     def node_precisions(self) -> Dict[str, str]:
-        return precisions_from_inspector_json(self.inspector_json())
+        """Per ONNX node: 'int8' | 'fp16' | 'fp32' from the inspector, ``'unknown'`` for a node of
+        the built graph that no engine layer names (Myelin-fused, truncated metadata)."""
+        return with_unmapped(precisions_from_inspector_json(self.inspector_json()), self._nodes)
 
+
+# ---------------------------------------------------------------------------------------------
+# Backend
+# ---------------------------------------------------------------------------------------------
 
 class TensorRTBackend(Backend):
-    """Builds strongly typed TensorRT engines from the precision-annotated ONNX model."""
+    """Builds strongly typed TensorRT engines from the precision-annotated ONNX model.
+
+    ``device``: where engines keep their I/O buffers (default: the current CUDA device).
+    """
 
     name = "tensorrt"
 
+    def __init__(self, device: Union[torch.device, str, None] = None) -> None:
+        self._device = torch.device(device) if device is not None else None
+
+    def _target(self) -> torch.device:
+        return self._device if self._device is not None else torch.device("cuda", torch.cuda.current_device())
+
     def check_available(self) -> None:
-        _import_tensorrt()
+        _import_tensorrt(self._device)
 
     def version(self) -> str:
-        return str(_import_tensorrt().__version__)
+        return str(_import_tensorrt(self._device).__version__)
+
+    def prepare(self, model: onnx.ModelProto,
+                layer_nodes: Optional[Mapping[str, Sequence[str]]] = None) -> onnx.ModelProto:
+        """The graph TensorRT will parse (biases in float, zero points zero, opset in range),
+        checked on the CPU; raises :class:`TensorRTConformanceError` naming config layers.
+        Checks against the installed TensorRT's rules, or TensorRT 10.0's without one."""
+        return prepare_for_tensorrt(model, dict(layer_nodes or {}), _installed_version())
 
     def build(self, model: onnx.ModelProto, options: BuildOptions) -> TensorRTEngine:
-        trt = _import_tensorrt()
+        trt = _import_tensorrt(self._device)
         if options.max_batch < 1:
             raise ValueError(f"BuildOptions.max_batch must be >= 1, got {options.max_batch}")
+        model = prepare_for_tensorrt(model, options.extra.get("layer_nodes"), str(trt.__version__))
+        device = self._target()
         trt_logger = _trt_logger(trt)
         trt_logger.errors.clear()
         builder = trt.Builder(trt_logger)
@@ -422,6 +455,8 @@ class TensorRTBackend(Backend):
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
         if hasattr(trt.BuilderFlag, "TF32"):
             config.clear_flag(trt.BuilderFlag.TF32)  # fp32 layers run in true fp32
+        cache_path = timing_cache_path(options.extra, str(trt.__version__), _device_name(device))
+        attach_timing_cache(config, cache_path)
         profile = builder.create_optimization_profile()
         dynamic = False
         for i in range(network.num_inputs):
@@ -438,10 +473,12 @@ class TensorRTBackend(Backend):
             raise TensorRTBuildError(
                 f"TensorRT could not build an engine: {_recent_errors(trt_logger)} (a larger "
                 "BuildOptions.workspace_bytes or a smaller max_batch may help)")
-        return TensorRTEngine(trt, bytes(serialized))
+        save_timing_cache(config, cache_path)
+        nodes = [n.name for n in model.graph.node if n.op_type != "Constant"]
+        return TensorRTEngine(trt, bytes(serialized), device, nodes)
 
     def deserialize(self, payload: bytes, options: BuildOptions) -> TensorRTEngine:
-        trt = _import_tensorrt()
+        trt = _import_tensorrt(self._device)
         if not payload:
             raise EngineFormatError("the TensorRT engine payload is empty")
-        return TensorRTEngine(trt, bytes(payload))
+        return TensorRTEngine(trt, bytes(payload), self._target())
