@@ -36,8 +36,8 @@ class BuildOptions:
     ``max_batch`` bounds the dynamic batch axis (TensorRT optimization profile);
     ``num_threads`` is the CPU thread count (ONNX Runtime); ``workspace_bytes`` the
     device memory pool limit (TensorRT). ``extra`` holds backend-specific options (TensorRT:
-    ``layer_nodes``, the plan's ``{config layer: [node names]}`` for error messages, and
-    ``timing_cache``, see :mod:`.tensorrt_timing_cache`).
+    ``layer_nodes``, the plan's ``{config layer: [node names]}``, and ``calibration``, the
+    calibration config, for error messages; ``timing_cache``, see :mod:`.tensorrt_timing_cache`).
     """
 
     max_batch: int = 128

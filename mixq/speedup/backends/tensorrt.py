@@ -428,18 +428,20 @@ class TensorRTBackend(Backend):
     def version(self) -> str:
         return str(_import_tensorrt(self._device).__version__)
 
-    def prepare(self, model: onnx.ModelProto,
-                layer_nodes: Optional[Mapping[str, Sequence[str]]] = None) -> onnx.ModelProto:
+    def prepare(self, model: onnx.ModelProto, layer_nodes: Optional[Mapping[str, Sequence[str]]] = None,
+                config: Optional[Mapping[str, Any]] = None) -> onnx.ModelProto:
         """The graph TensorRT will parse (biases in float, zero points zero, opset in range),
-        checked on the CPU; raises :class:`TensorRTConformanceError` naming config layers.
-        Checks against the installed TensorRT's rules, or TensorRT 10.0's without one."""
-        return prepare_for_tensorrt(model, dict(layer_nodes or {}), _installed_version())
+        checked on the CPU against the installed TensorRT's rules (TensorRT 10.0's without one);
+        raises :class:`TensorRTConformanceError` naming config layers (``layer_nodes``) and, with
+        the calibration ``config``, the quant type and keys to change."""
+        return prepare_for_tensorrt(model, dict(layer_nodes or {}), _installed_version(), config)
 
     def build(self, model: onnx.ModelProto, options: BuildOptions) -> TensorRTEngine:
         trt = _import_tensorrt(self._device)
         if options.max_batch < 1:
             raise ValueError(f"BuildOptions.max_batch must be >= 1, got {options.max_batch}")
-        model = prepare_for_tensorrt(model, options.extra.get("layer_nodes"), str(trt.__version__))
+        model = prepare_for_tensorrt(model, options.extra.get("layer_nodes"), str(trt.__version__),
+                                     options.extra.get("calibration"))
         device = self._target()
         trt_logger = _trt_logger(trt)
         trt_logger.errors.clear()

@@ -18,10 +18,8 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
 _PASS_THROUGH = {"Identity", "Cast"}
 _Q_DQ = {"QuantizeLinear", "DequantizeLinear"}
-# nodes that carry a tensor from one configured layer to the next without computing anything of
-# their own: walked through when attributing a Q/DQ or Cast to the layers around it
-_WALK_THROUGH = _Q_DQ | {"Cast", "Clip", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose",
-                         "MaxPool"}
+# nodes a Q/DQ or Cast is walked through to the layers around it: the rest of its own chain
+_CHAIN = _Q_DQ | {"Cast", "Identity"}
 
 
 def type_name(elem_type: Optional[int]) -> str:
@@ -108,9 +106,10 @@ class GraphFacts:
 class LayerLocator:
     """Which configured layers (``{layer: [node names]}``, the plan's map) a node serves.
 
-    A compute node belongs to its layer. A Q/DQ pair, Cast or Clip inserted between layers serves
-    the layer whose output it quantizes (found walking up) and the layers whose input it is
-    (walking down), through such helper nodes only.
+    A compute node belongs to its layer. A Q/DQ pair or Cast inserted between layers serves the
+    layer whose output it quantizes (walking up) and the layers whose input it is (walking
+    down), through its own chain only (Q, DQ, Cast, and the Clip of a narrow grid between a DQ
+    and a Q): a grid carried past an unconfigured op is attributed to the reader.
     """
 
     def __init__(self, facts: GraphFacts, layer_nodes: Optional[Dict[str, Sequence[str]]]) -> None:
@@ -146,12 +145,22 @@ class LayerLocator:
                     own = self.node_layers.get(neighbour.name)
                     if own:
                         layers.extend(own)
-                    elif neighbour.op_type in _WALK_THROUGH:
+                    elif self._in_chain(neighbour):
                         nxt.append(neighbour)
             if not nxt:
                 break
             frontier = nxt
         return list(dict.fromkeys(layers))
+
+    def _in_chain(self, node: onnx.NodeProto) -> bool:
+        if node.op_type in _CHAIN:
+            return True
+        if node.op_type != "Clip":
+            return False
+        source = self.facts.producer.get(node.input[0])
+        readers = self.facts.consumers.get(node.output[0], [])
+        return (source is not None and source.op_type == "DequantizeLinear" and bool(readers)
+                and all(r.op_type == "QuantizeLinear" for r in readers))
 
     def _neighbours(self, node: onnx.NodeProto, upstream: bool) -> Iterable[onnx.NodeProto]:
         if upstream:

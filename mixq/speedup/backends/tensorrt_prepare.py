@@ -19,7 +19,7 @@ before its parser sees it (none changes a single computed value):
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -151,11 +151,13 @@ def fit_opset(model: onnx.ModelProto, tensorrt_version: Optional[str] = None) ->
 
 
 def prepare_for_tensorrt(model: onnx.ModelProto, layer_nodes: Optional[Dict[str, Sequence[str]]] = None,
-                         tensorrt_version: Optional[str] = None) -> onnx.ModelProto:
+                         tensorrt_version: Optional[str] = None,
+                         config: Optional[Mapping[str, Any]] = None) -> onnx.ModelProto:
     """The graph TensorRT's parser gets: biases in float, zero points zero, opset in range; raises
-    :class:`~.tensorrt_rules.TensorRTConformanceError` (naming config layers through
-    ``layer_nodes``) when a rule TensorRT documents is still broken. The input is not modified."""
+    :class:`~.tensorrt_rules.TensorRTConformanceError` when a rule TensorRT documents is still
+    broken, naming config layers through ``layer_nodes`` (and, with the calibration ``config``,
+    the exact layer and quant type of each asymmetric grid). The input is not modified."""
     prepared = fit_opset(convert_zero_points(fold_int32_biases(model)), tensorrt_version)
-    assert_tensorrt_conforms(prepared, layer_nodes, tensorrt_version)
+    assert_tensorrt_conforms(prepared, layer_nodes, tensorrt_version, config)
     return prepared
 

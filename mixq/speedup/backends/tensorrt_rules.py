@@ -18,7 +18,7 @@ the config layer(s) it serves and the config key to change.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -292,14 +292,43 @@ def _graph_findings(model: onnx.ModelProto, facts: GraphFacts, version: Optional
     return found
 
 
+def calibration_violations(config: Mapping[str, Any]) -> List[Violation]:
+    """Rule ``zero-point`` on a calibration config: each layer whose quantized input/output grid has
+    a non-zero zero point in int8 storage (an affine grid; a symmetric uint grid is exactly the
+    int8 one), named with the config keys to change. Exact where the graph check can only say
+    which layers a Q/DQ node sits between (a grid derived along a chain shows up on both)."""
+    from ..precision_plan import grid_from_range  # the grid the plan writes for a tracked range
+
+    found = []
+    for layer, entry in config.items():
+        if not isinstance(entry, Mapping):
+            continue
+        for qtype in ("input", "output"):
+            bits = entry.get(f"{qtype}_bits")
+            if not isinstance(bits, int) or not 1 <= bits <= 8 or f"tracked_min_{qtype}" not in entry:
+                continue
+            scheme, dtype = entry.get(f"{qtype}_scheme", "per_tensor_symmetric"), entry.get(f"{qtype}_dtype", "int")
+            grid = grid_from_range(entry[f"tracked_min_{qtype}"], entry[f"tracked_max_{qtype}"], bits, scheme, dtype)
+            if grid.zero_point != 0:
+                found.append(Violation(
+                    "zero-point", "", "", f"its {qtype} is quantized {scheme}/{dtype} (zero point {grid.zero_point} "
+                    "in int8 storage); TensorRT quantizes symmetrically", [(layer, qtype)],
+                    f"set 'quant_scheme': 'per_tensor_symmetric' and 'quant_dtype': 'int' for '{qtype}' of "
+                    f"'{layer}' (a per-type dict works: {{'{qtype}': 'per_tensor_symmetric'}})"))
+    return found
+
+
 def check_tensorrt_graph(model: onnx.ModelProto, layer_nodes: Optional[Dict[str, Sequence[str]]] = None,
-                         tensorrt_version: Optional[str] = None) -> List[Violation]:
+                         tensorrt_version: Optional[str] = None,
+                         config: Optional[Mapping[str, Any]] = None) -> List[Violation]:
     """Every rule of :data:`RULES` the graph breaks, node by node.
 
     ``layer_nodes`` is the plan's ``{config layer: [ONNX node names]}`` (``PrecisionPlan.layer_nodes()``);
     with it each violation names the config layer(s) the node serves. ``tensorrt_version`` (e.g.
     ``'10.13.0'``) selects that release's opset range and operator list; by default the oldest
-    supported release, 10.0, so that a passing graph builds on every TensorRT 10/11.
+    supported release, 10.0, so that a passing graph builds on every TensorRT 10/11. With the
+    calibration ``config``, non-zero activation zero points are reported per config layer and
+    quant type (:func:`calibration_violations`) instead of per Q/DQ node.
     """
     facts = GraphFacts(model)
     locator = LayerLocator(facts, layer_nodes)
@@ -322,12 +351,17 @@ def check_tensorrt_graph(model: onnx.ModelProto, layer_nodes: Optional[Dict[str,
                 roles = [(layer, "weight") for layer, _ in roles]
             for rule, message, fix in findings:
                 violations.append(Violation(rule, node.name, node.op_type, message, roles, fix, locator.known))
-    return violations
+    by_config = calibration_violations(config) if config else []
+    if by_config:  # the activation zero points are these layers' grids: report them once, per layer
+        violations = [v for v in violations if not (v.rule == "zero-point" and v.layers
+                                                    and all(role != "weight" for _, role in v.layers))]
+    return by_config + violations
 
 
 def assert_tensorrt_conforms(model: onnx.ModelProto, layer_nodes: Optional[Dict[str, Sequence[str]]] = None,
-                             tensorrt_version: Optional[str] = None) -> None:
+                             tensorrt_version: Optional[str] = None,
+                             config: Optional[Mapping[str, Any]] = None) -> None:
     """Raise :class:`TensorRTConformanceError` listing every violation (see :func:`check_tensorrt_graph`)."""
-    violations = check_tensorrt_graph(model, layer_nodes, tensorrt_version)
+    violations = check_tensorrt_graph(model, layer_nodes, tensorrt_version, config)
     if violations:
         raise TensorRTConformanceError(violations)
