@@ -31,6 +31,7 @@ UNKNOWN = "unknown"
 ORDER = {"int8": 0, "fp16": 1, "fp32": 2}
 # one complete metadata entry; a truncated one (no '[' or no ']') does not match
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\[\]\x1e\x1f]+)\]")
+_TRUNCATION = " ... "  # what the parser puts in place of the middle of metadata over 4000 characters
 _FOREIGN_NODE = re.compile(r"^\{?ForeignNode\[(.*)\]\}?$")
 # Myelin constants (weights, biases) listed as layer inputs
 _CONSTANT_INPUT = re.compile(r"(dconst$|constant)", re.IGNORECASE)
@@ -119,7 +120,8 @@ def layer_onnx_nodes(layer: Dict[str, Any]) -> List[str]:
     from the layer name."""
     metadata = layer.get("Metadata")
     if isinstance(metadata, str):
-        names = [entry.split(" | ")[0].strip() for entry in _ONNX_LAYER.findall(metadata)]
+        names = [entry.split(" | ")[0].strip() for entry in _ONNX_LAYER.findall(metadata)
+                 if _TRUNCATION not in entry]
         names = [n for n in names if n]
         if names:
             return names
