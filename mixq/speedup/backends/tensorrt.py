@@ -47,7 +47,7 @@ from .tensorrt_timing_cache import attach_timing_cache, save_timing_cache, timin
 logger = logging.getLogger(__name__)
 
 MIN_TENSORRT_MAJOR = 10
-_INSTALL_HINT = "pip install mixq[tensorrt]"
+_INSTALL_HINT = 'pip install mixq[tensorrt] (from a source checkout: pip install -e ".[tensorrt]")'
 _T = TypeVar("_T")
 
 __all__ = ["TensorRTBackend", "TensorRTEngine", "TensorRTBuildError", "TensorRTConformanceError",
