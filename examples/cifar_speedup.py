@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speedup_runner import ExampleSpec, build_parser, main_guard, quiet_libraries, run_example  # noqa: E402
+from speedup_runner import ExampleSpec, build_parser, main_guard, run_example, start  # noqa: E402
 
 from mixq.datasets import DatasetNotFound, cifar_dir, load_cifar10  # noqa: E402
 from mixq.models import resnet18_cifar  # noqa: E402
@@ -66,8 +66,7 @@ def load_data(data_dir, no_download):
 def main() -> int:
     parser = build_parser(__doc__.splitlines()[0], epochs=3,
                           quick_note="30 training steps, 256 test images, few timing runs (~2 min)")
-    args = parser.parse_args()
-    quiet_libraries()
+    args = start(parser)
     train, test = load_data(args.data_dir, args.no_download)
     if args.quick:
         test = (test[0][:256], test[1][:256])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speedup_runner import ExampleSpec, build_parser, main_guard, quiet_libraries, run_example  # noqa: E402
+from speedup_runner import ExampleSpec, build_parser, main_guard, run_example, start  # noqa: E402
 
 from mixq.datasets import DatasetNotFound, download_mnist, load_mnist, read_mnist_split  # noqa: E402
 from mixq.models import MnistNet  # noqa: E402
@@ -49,8 +49,7 @@ def load_data(data_dir, no_download):
 
 def main() -> int:
     parser = build_parser(__doc__.splitlines()[0], epochs=3, quick_note="1 epoch, short QAT, few timing runs (~10 s)")
-    args = parser.parse_args()
-    quiet_libraries()
+    args = start(parser)
     train, test = load_data(args.data_dir, args.no_download)
     spec = ExampleSpec(name="mnist", make_model=MnistNet, input_shape=(1, 1, 28, 28),
                        configs={"mixed": MIXED, "int8": INT8}, lr=0.02, qat_lr=0.002)

@@ -4,6 +4,10 @@ For each strategy (all fp32, a mixed config, all int8) and each path (QAT: ``QAT
 ``export_model``; PTQ: ``ObserverQuantizer`` for the mixed config and
 ``ModelSpeedup(..., calib_data_loader=...)`` for uniform int8) an engine is built on the chosen
 backend, its accuracy measured on the test set and its latency per batch timed.
+
+Each stage prints one line with the time since the start (also when the output goes to a
+file; the tqdm bars show only on a terminal). The output folder gets the engines, their
+calibration JSON and ``results.json`` (plus the annotated ONNX files with ``--save-onnx``).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import json
 import logging
 import statistics
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +30,20 @@ from tqdm import tqdm
 
 from mixq.atomic_io import atomic_write
 from mixq.quantizers import ObserverQuantizer, QAT_Quantizer
-from mixq.speedup import ModelSpeedup
+from mixq.speedup import BackendUnavailable, ModelSpeedup, get_backend
 from mixq.speedup.backends import resolve_backend_name
 from mixq.table import format_table
 
 Split = Tuple[torch.Tensor, torch.Tensor]
 STRATEGIES = ("fp32", "mixed", "int8")
 PATHS = ("qat", "ptq")
+_START = time.perf_counter()
+
+
+def stage(message: str) -> None:
+    """One progress line with the seconds since the example started (terminal or file alike)."""
+    tqdm.write(f"[{time.perf_counter() - _START:6.1f} s] {message}")
+    sys.stdout.flush()
 
 
 @dataclass
@@ -75,7 +87,16 @@ def build_parser(description: str, epochs: int, quick_note: str) -> argparse.Arg
     parser.add_argument("--no-download", action="store_true", help="never try to download the data set")
     parser.add_argument("--runs", type=int, default=None, help="timed runs per engine (median is reported)")
     parser.add_argument("--output-dir", default=None, help="where engines, calibration and results go")
+    parser.add_argument("--save-onnx", action="store_true", help="also save each engine's annotated ONNX model")
     return parser
+
+
+def start(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the options and check the backend before any work (a missing one is a one-line error)."""
+    args = parser.parse_args()
+    quiet_libraries()
+    get_backend(resolve_backend_name(args.backend)).check_available()
+    return args
 
 
 def quiet_libraries() -> None:
@@ -87,7 +108,7 @@ def quiet_libraries() -> None:
 
 def train(model: nn.Module, data: Split, epochs: float, lr: float, desc: str, batch_size: int = 64,
           optimizer: Optional[torch.optim.Optimizer] = None, max_steps: Optional[int] = None) -> None:
-    """SGD with momentum and cosine decay, with a tqdm bar over steps."""
+    """SGD with momentum and cosine decay; a tqdm bar over steps and a progress line per epoch."""
     x, y = data
     steps_per_epoch = (len(x) + batch_size - 1) // batch_size
     total = max(1, int(epochs * steps_per_epoch)) if max_steps is None else max_steps
@@ -108,6 +129,8 @@ def train(model: nn.Module, data: Split, epochs: float, lr: float, desc: str, ba
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % steps_per_epoch == 0 or step + 1 == total:
+            stage(f"{desc}: step {step + 1}/{total}, loss {loss.item():.3f}")
     model.eval()
 
 
@@ -156,7 +179,7 @@ def run_example(spec: ExampleSpec, args: argparse.Namespace, train_data: Split, 
     model = spec.make_model()
     train(model, train_data, args.epochs, spec.lr, "train fp32", max_steps=fp32_steps)
     fp32_torch_acc = engine_free_accuracy(model, test_data)
-    print(f"fp32 PyTorch accuracy: {fp32_torch_acc:.2f}%")
+    stage(f"fp32 PyTorch accuracy: {fp32_torch_acc:.2f}%")
     calib_x = train_data[0][: calib_batches * 64]
     calib_loader = [calib_x[i:i + 64] for i in range(0, len(calib_x), 64)]
     timing_batch = test_data[0][: args.batch_size]
@@ -171,19 +194,20 @@ def run_example(spec: ExampleSpec, args: argparse.Namespace, train_data: Split, 
             if strategy == "fp32" and engines:
                 rows.append(dict(rows[0], path=path))
                 continue
-            engine = _build(spec, args, model, strategy, path, train_data, calib_loader, qat_steps, out_dir)
-            onnx_file = out_dir / f"{spec.name}_{strategy}_{path}.onnx"
-            engine.export_quantized_model(str(out_dir / f"{spec.name}_{strategy}_{path}.mixq"))
+            stem = out_dir / _file_stem(spec.name, strategy, path)
+            engine = _build(spec, args, model, strategy, path, train_data, calib_loader, qat_steps, stem)
+            engine.export_quantized_model(f"{stem}.mixq")
             accuracy = engine_accuracy(engine, test_data, args.batch_size)
             report = engine.precision_report()
             engines[label] = engine
             rows.append({"strategy": strategy, "path": path, "backend": engine.backend_name,
                          "avg_bits": round(average_bits(model, report), 2), "accuracy": accuracy,
-                         "onnx_bytes": onnx_file.stat().st_size if onnx_file.exists() else None,
+                         "onnx_bytes": engine.annotated_model.ByteSize(),
                          "precision": {r["layer"]: r["actual"] for r in report},
                          "mismatches": [r for r in report if r["requested"] != r["actual"]]})
-            tqdm.write(f"{label}: {accuracy:.2f}% accuracy")
+            stage(f"{'fp32' if strategy == 'fp32' else label}: engine built, {accuracy:.2f}% accuracy")
     latencies = interleaved_latency(engines, timing_batch, runs)
+    stage(f"timed {len(engines)} engines, {runs} rounds")
     for row in rows:
         row["latency_ms"] = latencies["fp32/qat" if row["strategy"] == "fp32" else f"{row['strategy']}/{row['path']}"]
     fp32_row = rows[0]
@@ -206,23 +230,27 @@ def engine_free_accuracy(model: nn.Module, data: Split) -> float:
     return 100.0 * correct / len(x)
 
 
+def _file_stem(name: str, strategy: str, path: str) -> str:
+    """``mnist_fp32`` (one fp32 engine serves both paths), ``mnist_int8_qat``, ..."""
+    return f"{name}_fp32" if strategy == "fp32" else f"{name}_{strategy}_{path}"
+
+
 def _build(spec: ExampleSpec, args: argparse.Namespace, model: nn.Module, strategy: str, path: str,
-           train_data: Split, calib_loader: list, qat_steps: int, out_dir: Path) -> ModelSpeedup:
-    onnx_path = str(out_dir / f"{spec.name}_{strategy}_{path}.onnx")
-    common = dict(backend=args.backend, batchsize=args.batch_size, onnx_path=onnx_path)
+           train_data: Split, calib_loader: list, qat_steps: int, stem: Path) -> ModelSpeedup:
+    common = dict(backend=args.backend, batchsize=args.batch_size, onnx_path=f"{stem}.onnx" if args.save_onnx else None)
     if strategy == "fp32":
         engine = ModelSpeedup(model, spec.input_shape, config=None, extra_layer_bits=32, **common)
         engine.compress()
         return engine
     config_list = for_backend(spec.configs[strategy], resolve_backend_name(args.backend))
     work = copy.deepcopy(model)
-    calib_path = str(out_dir / f"{spec.name}_{strategy}_{path}_calibration.json")
+    calib_path = f"{stem}_calibration.json"
     if path == "qat":
         optimizer = torch.optim.SGD(work.parameters(), lr=spec.qat_lr, momentum=0.9)
         quantizer = QAT_Quantizer(work, config_list, optimizer)
         quantizer.compress()
         train(work, train_data, 0, spec.qat_lr, f"QAT {strategy}", optimizer=optimizer, max_steps=qat_steps)
-        calibration = quantizer.export_model(str(out_dir / f"{spec.name}_{strategy}_qat.pt"), calib_path)
+        calibration = quantizer.export_model(None, calib_path)
         engine = ModelSpeedup(work, spec.input_shape, config=calibration, **common)
     elif strategy == "int8":
         engine = ModelSpeedup(work, spec.input_shape, config=None, extra_layer_bits=8,
@@ -233,6 +261,7 @@ def _build(spec: ExampleSpec, args: argparse.Namespace, model: nn.Module, strate
         with torch.no_grad():
             for batch in tqdm(calib_loader, desc=f"calibrate {strategy}", leave=False, disable=None):
                 work(batch)
+        stage(f"calibrate {strategy}: {len(calib_loader)} batches")
         quantizer.compress()
         calibration = quantizer.export_model(None, calib_path)
         engine = ModelSpeedup(work, spec.input_shape, config=calibration, **common)
@@ -261,6 +290,8 @@ def _plot(rows: List[dict], path: Path, title: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print(f"{path.name} not written (it would be {path}): the plot needs matplotlib: pip install mixq[plot] "
+              '(from a source checkout: pip install -e ".[plot]")')
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
@@ -278,7 +309,7 @@ def main_guard(fn: Callable[[], int]) -> None:
     """Run ``fn``; data and configuration mistakes end in one line, not a traceback."""
     try:
         sys.exit(fn())
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, BackendUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 
