@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -135,6 +136,11 @@ CASES = [pytest.param(model, precision, id=f"{model}-{precision}", marks=case.ma
          for model, case in MODELS.items() for precision in case.precisions()]
 
 
+# quantizers that place Q/DQ per backend (DESIGN.md section 5) take backend='tensorrt'
+_TENSORRT_PLACEMENT = ({"backend": "tensorrt"} if "backend" in inspect.signature(ObserverQuantizer.__init__).parameters
+                       else {})
+
+
 def _images(shape: Tuple[int, ...], n: int = 16) -> torch.Tensor:
     return torch.randn((n,) + tuple(shape[1:]), generator=torch.Generator().manual_seed(0))
 
@@ -149,7 +155,7 @@ def tensorrt_annotated(model: nn.Module, input_shape: Tuple[int, ...], precision
     config_list = precision.config(model) if precision.config else None
     if config_list:
         model = copy.deepcopy(model).eval()
-        quantizer = ObserverQuantizer(model, config_list)
+        quantizer = ObserverQuantizer(model, config_list, **_TENSORRT_PLACEMENT)
         with torch.no_grad():
             model(images)
         quantizer.compress()
