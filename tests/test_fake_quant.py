@@ -32,7 +32,7 @@ def np_reference(x, lo, hi, bits, scheme, dtype):
     return (q - zp) * np.float32(scale), q
 
 
-@pytest.mark.parametrize("bits,scheme,dtype", itertools.product(range(2, 9), SCHEMES, ["int", "uint"]))
+@pytest.mark.parametrize("bits,scheme,dtype", list(itertools.product(range(2, 9), SCHEMES, ["int", "uint"])))
 def test_fake_quant_matches_numpy(bits, scheme, dtype):
     rng = np.random.default_rng(bits)
     x = (rng.standard_normal(4000) * 2).astype(np.float32)
