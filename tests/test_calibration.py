@@ -5,6 +5,7 @@ import pytest
 from schema import SchemaError
 
 from mixq.compressor import CalibrationError, load_calibration_config, save_calibration_config
+from mixq.compressor.calibration import FORMAT_VERSION
 
 GOOD = {
     "conv1": {"type": "Conv2d", "weight_bits": 8, "weight_scale": [0.01, 0.02], "weight_zero_point": [0, 0],
@@ -22,7 +23,7 @@ def test_round_trip(tmp_path):
     save_calibration_config(GOOD, str(path))
     assert load_calibration_config(str(path)) == GOOD
     document = json.loads(path.read_text())
-    assert document["format"] == "mixq-calibration" and document["version"] == 1
+    assert document["format"] == "mixq-calibration" and document["version"] == FORMAT_VERSION == 2
     assert not list(tmp_path.glob(".tmp-*")), "temp file left behind"
 
 
@@ -32,7 +33,13 @@ def _write(path, document):
 
 
 @pytest.mark.parametrize("mutate,fragment", [
-    (lambda d: d.update(version=2), "version 2"),
+    (lambda d: d.update(version=3), "version 3"),
+    (lambda d: d.update(version=True), "version True"),
+    (lambda d: d.update(tensors={"@0/add_#0": {"bits": 8}}), "without the other"),
+    (lambda d: d.update(tensors={"@0/add_#0": {"bits": 8, "scheme": "per_tensor_affine", "dtype": "uint",
+                                               "tracked_min": 1.0, "tracked_max": 0.5}},
+                        placement={"backend": "onnxruntime"}), "tracked_min 1.0 > tracked_max"),
+    (lambda d: d.update(tensors={}, placement={"backend": "tvm"}), "backend"),
     (lambda d: d.pop("format"), "not a mixq calibration file"),
     (lambda d: d["layers"]["conv1"].pop("weight_scale"), "missing weight_scale"),
     (lambda d: d["layers"]["conv1"].update(weight_bits="8"), "weight_bits"),
@@ -43,7 +50,7 @@ def _write(path, document):
     (lambda d: d["layers"]["relu1"].update(tracked_max_output=float("inf")), "finite"),
     (lambda d: d["layers"]["relu1"].update(unknown_key=1), "unknown_key"),
     (lambda d: d["layers"].update(fc2={"type": "Linear"}), "no weight_bits"),
-    (lambda d: d.update(layers=[1, 2]), "dict keyed by module name"),
+    (lambda d: d.update(layers=[1, 2]), "must map module names"),
 ])
 def test_bad_files_are_rejected(tmp_path, mutate, fragment):
     document = {"format": "mixq-calibration", "version": 1, "layers": json.loads(json.dumps(GOOD))}

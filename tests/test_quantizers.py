@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixq.compressor import NonFiniteTensorError, load_calibration_config, unwrapped_copy
+from mixq.compressor.calibration import layer_entries
 from mixq.models import MnistNet, accuracy, train_epochs
 from mixq.quantizers import NaiveQuantizer, ObserverQuantizer, QAT_Quantizer
 
@@ -63,7 +64,7 @@ def test_qat_8bit_keeps_accuracy(trained_mnist, mnist, tmp_path):
     plain = MnistNet()
     plain.load_state_dict(torch.load(paths[0][0], weights_only=True))
     assert torch.equal(plain.conv1.weight, model.conv1.module.weight)
-    assert set(configs[0]) == {"conv1", "conv2", "fc1", "fc2", "relu1", "relu2", "relu3"}
+    assert set(layer_entries(configs[0])) == {"conv1", "conv2", "fc1", "fc2", "relu1", "relu2", "relu3"}
     assert {"weight_scale", "tracked_min_input"} <= set(configs[0]["fc1"])
     assert {"tracked_min_output", "tracked_max_output"} <= set(configs[0]["relu2"])
 
@@ -144,12 +145,23 @@ def test_quant_start_step_and_forward_step_counting(trained_mnist, mnist):
     assert quantizer.steps == 4  # eval forwards do not count
 
 
-def test_nan_input_names_the_layer(trained_mnist):
+@pytest.mark.parametrize("backend", ["onnxruntime", None])
+def test_nan_input_names_the_layer(trained_mnist, backend):
     model, _ = trained_mnist
-    ObserverQuantizer(model, CONFIG_8BIT)
+    ObserverQuantizer(model, CONFIG_8BIT, backend=backend)
+    model(torch.zeros(2, 1, 28, 28))
     x = torch.zeros(2, 1, 28, 28)
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteTensorError, match="layer 'conv1'"):
+        model(x)
+
+
+def test_nan_first_batch_is_refused_before_placement(trained_mnist):
+    model, _ = trained_mnist
+    ObserverQuantizer(model, CONFIG_8BIT)
+    x = torch.zeros(2, 1, 28, 28)
+    x[1, 0, 3, 3] = float("inf")
+    with pytest.raises(NonFiniteTensorError, match="input 0 of the model"):
         model(x)
 
 
@@ -174,7 +186,7 @@ def test_qat_batchnorm_folding_simulates_the_folded_integer_conv():
     with torch.no_grad():
         model.bn.weight.copy_(torch.linspace(-1.5, 2.0, 8))
     quantizer = QAT_Quantizer(model, [{"quant_types": ["weight"], "quant_bits": 4, "op_types": ["Conv2d"]}],
-                              dummy_input=x[:1])
+                              dummy_input=x[:1], backend=None)  # the weights alone, as the config says
     calib = quantizer.calibration_config()
     assert calib["conv"]["folded_bn"] == "bn"
     model.eval()

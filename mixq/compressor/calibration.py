@@ -9,9 +9,17 @@ In memory it is a dict keyed by module name with NNI 2.x keys, e.g.::
                'input_scheme': 'per_tensor_symmetric', 'input_dtype': 'int'}}
 
 Keys of a quant type are present only when that type is quantized. Ranges and scales are
-present only for integer bit widths (1..8); 16 bits means fp16 and 32 bits fp32. On disk the
-dict sits under ``{"format": "mixq-calibration", "version": 1, "layers": {...}}``. Loading
-never executes anything (plain JSON) and validates every field.
+present only for integer bit widths (1..8); 16 bits means fp16 and 32 bits fp32.
+
+A quantizer that follows a backend's placement (:mod:`mixq.quantizers.placed`) adds two
+reserved entries: ``'@tensors'``, the range and grid of every tensor the backend quantizes, by
+point key (:mod:`.call_points`; e.g. ``'layer1.0@0/add_#0'``), and ``'@placement'``,
+``{'backend': 'onnxruntime'}``. The per-layer activation keys then repeat, for NNI users, the
+range of the tensor that serves the layer's input/output.
+
+On disk: ``{"format": "mixq-calibration", "version": 2, "layers": {...}, "tensors": {...},
+"placement": {...}}`` (version 1 files, without the last two, still load). Loading never
+executes anything (plain JSON) and validates every field.
 """
 from __future__ import annotations
 
@@ -25,7 +33,11 @@ from ..atomic_io import atomic_write
 from .fake_quant import DTYPES, SCHEMES, is_integer_bits, is_per_channel
 
 FORMAT_NAME = "mixq-calibration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+TENSORS_KEY = "@tensors"
+PLACEMENT_KEY = "@placement"
+RESERVED_KEYS = (TENSORS_KEY, PLACEMENT_KEY)
 QUANT_TYPES = ("weight", "input", "output")
 
 CalibrationConfig = Dict[str, Dict[str, Any]]
@@ -50,6 +62,11 @@ for _q in ("input", "output"):
                     f"{_q}_scheme": _scheme, f"{_q}_dtype": _dtype})
 
 
+_TENSOR_FIELDS = Schema({"bits": And(int, lambda b: 1 <= b <= 8, error="must be an int in 1..8"),
+                         "scheme": _scheme, "dtype": _dtype, "tracked_min": _finite, "tracked_max": _finite})
+_PLACEMENT_FIELDS = Schema({"backend": Or("onnxruntime", "tensorrt", error="backend must be 'onnxruntime' or 'tensorrt'")})
+
+
 class CalibrationError(SchemaError):
     """A calibration config (file or dict) is malformed, of another version, or inconsistent."""
 
@@ -67,7 +84,8 @@ def validate_calibration_config(config: Any) -> CalibrationConfig:
     """Check a calibration dict (keyed by module name) and return it; raise CalibrationError."""
     if not isinstance(config, dict):
         raise CalibrationError(f"calibration config must be a dict keyed by module name, got {type(config).__name__}")
-    for name, entry in config.items():
+    _validate_placement(config)
+    for name, entry in layer_entries(config).items():
         if not isinstance(name, str) or not isinstance(entry, dict):
             raise CalibrationError(f"calibration entry {name!r} must map a module name to a dict")
         for key, value in entry.items():
@@ -96,10 +114,40 @@ def validate_calibration_config(config: Any) -> CalibrationConfig:
     return config
 
 
+def layer_entries(config: CalibrationConfig) -> CalibrationConfig:
+    """The per-layer entries of a calibration config (without the reserved placement entries)."""
+    return {name: entry for name, entry in config.items() if name not in RESERVED_KEYS}
+
+
+def _validate_placement(config: Dict[str, Any]) -> None:
+    tensors, placement = config.get(TENSORS_KEY), config.get(PLACEMENT_KEY)
+    if (tensors is None) != (placement is None):
+        raise CalibrationError(f"calibration config has {TENSORS_KEY!r} or {PLACEMENT_KEY!r} without the other; "
+                               "export it again with quantizer.export_model")
+    if tensors is None:
+        return
+    try:
+        _PLACEMENT_FIELDS.validate(placement)
+    except SchemaError as exc:
+        raise CalibrationError(f"calibration {PLACEMENT_KEY}: {exc.code}") from None
+    if not isinstance(tensors, dict):
+        raise CalibrationError(f"calibration {TENSORS_KEY} must map tensor keys to ranges")
+    for key, entry in tensors.items():
+        try:
+            _TENSOR_FIELDS.validate(entry)
+        except SchemaError as exc:
+            raise CalibrationError(f"calibration tensor {key!r}: {exc.code}") from None
+        if entry["tracked_min"] > entry["tracked_max"]:
+            raise CalibrationError(f"calibration tensor {key!r}: tracked_min {entry['tracked_min']} > "
+                                   f"tracked_max {entry['tracked_max']}")
+
+
 def save_calibration_config(config: CalibrationConfig, path: str) -> None:
     """Validate and write ``config`` as versioned JSON, atomically (temp file + rename)."""
     validate_calibration_config(config)
-    document = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": config}
+    document: Dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": layer_entries(config)}
+    if TENSORS_KEY in config:
+        document.update(tensors=config[TENSORS_KEY], placement=config[PLACEMENT_KEY])
     atomic_write(path, json.dumps(document, indent=1, sort_keys=True) + "\n")
 
 
@@ -114,11 +162,17 @@ def load_calibration_config(path: str) -> CalibrationConfig:
     if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
         raise CalibrationError(f"{path} is not a mixq calibration file (missing \"format\": \"{FORMAT_NAME}\")")
     version = document.get("version")
-    if version != FORMAT_VERSION:
-        raise CalibrationError(f"{path} has calibration format version {version!r}; this mixq reads version "
-                               f"{FORMAT_VERSION}: re-export it with this version's quantizer.export_model")
-    return validate_calibration_config(document.get("layers"))
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise CalibrationError(f"{path} has calibration format version {version!r}; this mixq reads versions "
+                               f"{list(READABLE_VERSIONS)}: re-export it with this version's quantizer.export_model")
+    layers = document.get("layers")
+    if not isinstance(layers, dict) or any(k in RESERVED_KEYS for k in layers):
+        raise CalibrationError(f"{path}: \"layers\" must map module names to entries")
+    config = dict(layers)
+    if "tensors" in document or "placement" in document:
+        config[TENSORS_KEY], config[PLACEMENT_KEY] = document.get("tensors"), document.get("placement")
+    return validate_calibration_config(config)
 
 
 __all__ = ["CalibrationConfig", "CalibrationError", "load_calibration_config", "save_calibration_config",
-           "validate_calibration_config", "FORMAT_VERSION"]
+           "validate_calibration_config", "layer_entries", "FORMAT_VERSION", "TENSORS_KEY", "PLACEMENT_KEY"]

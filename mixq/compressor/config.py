@@ -6,8 +6,9 @@ the key and, for unknown names or keys, the closest valid ones.
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch.nn as nn
 from schema import And, Or, Schema, SchemaError
@@ -21,6 +22,7 @@ WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
 DEFAULT_SCHEME = {"weight": "per_channel_symmetric", "input": "per_tensor_symmetric",
                   "output": "per_tensor_symmetric"}
 DEFAULT_DTYPE = "int"
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(SchemaError):
@@ -51,6 +53,7 @@ class LayerQuantConfig:
     dtype: Dict[str, str]
     quant_start_step: int = 0
     extra: Dict[str, Any] = field(default_factory=dict)
+    explicit: Set[Tuple[str, str]] = field(default_factory=set)  # ('scheme'|'dtype', quant type) the entry set
 
 
 class ConfigListSpec:
@@ -62,6 +65,7 @@ class ConfigListSpec:
         self.max_bits = max_bits
         self.extra_keys = dict(extra_keys or {})
         self.quantizer = quantizer
+        self.excluded: Set[str] = set()  # after resolve(): modules an exclude entry removed
         bits = And(int, lambda b: 1 <= b <= 32, error="bit widths must be ints in 1..32")
         self.keys = {
             "quant_types": And([Or(*QUANT_TYPES)], len, error=f"quant_types must be a non-empty list of {list(QUANT_TYPES)}"),
@@ -125,7 +129,7 @@ class ConfigListSpec:
         if not isinstance(config_list, list) or not config_list:
             raise ConfigError("config_list must be a non-empty list of dicts")
         modules = dict(model.named_modules())
-        type_names = {type(m).__name__ for m in modules.values()}
+        type_names = {cls.__name__ for m in modules.values() for cls in type(m).__mro__[:-2]}  # not Module, object
         layers: Dict[str, LayerQuantConfig] = {}
         for index, entry in enumerate(config_list):
             self._check_entry(index, entry)
@@ -133,7 +137,9 @@ class ConfigListSpec:
             for name in matched:
                 if entry.get("exclude"):
                     layers.pop(name, None)
+                    self.excluded.add(name)
                     continue
+                self.excluded.discard(name)
                 layers[name] = self._layer_config(index, entry, name, modules[name])
         if not layers:
             raise ConfigError("config_list selects no layer to quantize (every match was excluded)")
@@ -146,10 +152,13 @@ class ConfigListSpec:
             if name not in modules or not name:
                 raise ConfigError(f"{where}['op_names']: {name!r} is not a module of the model{_close(name, names)}")
         op_types = entry.get("op_types")
-        for op_type in op_types or []:
-            if op_type != "default" and op_type not in type_names:
-                raise ConfigError(f"{where}['op_types']: no module of type {op_type!r} in the model"
-                                  f"{_close(op_type, type_names | {'default'})}")
+        absent = [t for t in op_types or [] if t != "default" and t not in type_names]
+        if op_types and len(absent) == len(op_types):
+            raise ConfigError(f"{where}['op_types']: no module of type {absent[0]!r} in the model"
+                              f"{_close(absent[0], type_names | {'default'})}")
+        for op_type in absent:
+            logger.warning("%s['op_types']: no module of type %r in the model%s", where, op_type,
+                           _close(op_type, type_names | {"default"}))
         matched = []
         for name, module in modules.items():
             if not name or isinstance(module, _wrapper_types()):
@@ -176,7 +185,9 @@ class ConfigListSpec:
             scheme={t: _lookup(entry.get("quant_scheme"), t) or DEFAULT_SCHEME[t] for t in types},
             dtype={t: _lookup(entry.get("quant_dtype"), t) or DEFAULT_DTYPE for t in types},
             quant_start_step=entry.get("quant_start_step", 0),
-            extra={k: entry[k] for k in self.extra_keys if k in entry})
+            extra={k: entry[k] for k in self.extra_keys if k in entry},
+            explicit={(key, t) for key in ("scheme", "dtype") for t in types
+                      if _lookup(entry.get(f"quant_{key}"), t) is not None})
 
 
 def _lookup(value: Any, qtype: str) -> Any:
@@ -184,9 +195,10 @@ def _lookup(value: Any, qtype: str) -> Any:
 
 
 def _type_matches(module: nn.Module, op_types: List[str]) -> bool:
+    """By class name or the name of a base class (``NonDynamicallyQuantizableLinear`` is a Linear)."""
     if "default" in op_types and isinstance(module, WEIGHT_TYPES):
         return True
-    return type(module).__name__ in op_types
+    return any(cls.__name__ in op_types for cls in type(module).__mro__ if cls not in (nn.Module, object))
 
 
 def _wrapper_types() -> tuple:

@@ -11,8 +11,10 @@ import torch.nn as nn
 
 from ..atomic_io import atomic_write
 from .bn_fold import find_conv_bn_pairs
+from .call_points import CallPoints, PointKey
 from .calibration import CalibrationConfig, save_calibration_config, validate_calibration_config
 from .config import ConfigError, ConfigListSpec, LayerQuantConfig
+from .observers import NonFiniteTensorError
 from .fake_quant import (fake_quantize, is_integer_bits, is_per_channel, is_symmetric, qparams_from_range,
                          quant_range, simulate_float_bits)
 from .wrapper import QuantizerModuleWrapper, set_submodule, unwrapped_copy
@@ -60,7 +62,13 @@ class Quantizer:
         self.config_list = config_list
         self.optimizer = optimizer
         self.dummy_input = dummy_input
-        self.layer_configs: Dict[str, LayerQuantConfig] = self.config_spec().resolve(model, config_list)
+        spec = self.config_spec()
+        self.layer_configs: Dict[str, LayerQuantConfig] = spec.resolve(model, config_list)
+        self.excluded = sorted(spec.excluded)
+        # activation points (placement-aware quantizers): key -> (bits, scheme, dtype) and range
+        self.point_grids: Dict[PointKey, Tuple[int, str, str]] = {}
+        self.point_ranges: Dict[PointKey, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._call_points: Optional[CallPoints] = None
         self.modules_wrapper: Dict[str, QuantizerModuleWrapper] = {}
         for name, cfg in self.layer_configs.items():
             wrapper = QuantizerModuleWrapper(model.get_submodule(name), name, cfg, self)
@@ -95,6 +103,37 @@ class Quantizer:
     def quantize_output(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def install_points(self, grids: Dict[PointKey, Tuple[int, str, str]]) -> CallPoints:
+        """Quantize the activations at ``grids``' point keys (see :mod:`.call_points`) through
+        :meth:`quantize_point`, on every forward of the model from now on."""
+        if self._call_points is not None:
+            self._call_points.remove()
+        self.point_grids = dict(grids)
+        self.point_ranges = {k: (torch.tensor(float("nan")), torch.tensor(float("nan"))) for k in grids}
+        self._call_points = CallPoints(self.bound_model, self._point_hook, keys=set(grids))
+        return self._call_points
+
+    def _point_hook(self, key: PointKey, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.quantize_point(key, x)
+        except NonFiniteTensorError as exc:
+            raise NonFiniteTensorError(f"tensor {key!r}{self._point_context(key)}: {exc}") from None
+
+    def _point_context(self, key: PointKey) -> str:
+        """Where a point sits, for messages (placement-aware quantizers say which layer it feeds)."""
+        return ""
+
+    def quantize_point(self, key: PointKey, x: torch.Tensor) -> torch.Tensor:
+        """Observe and/or fake-quantize the activation at point ``key`` (identity by default)."""
+        return x
+
+    def _fake_quant_point(self, key: PointKey, x: torch.Tensor) -> torch.Tensor:
+        bits, scheme, dtype = self.point_grids[key]
+        lo, hi = self.point_ranges[key]
+        if is_integer_bits(bits) and torch.isnan(lo):
+            return x
+        return fake_quant_tensor(x, bits, scheme, dtype, lo, hi)
+
     def _fake_quant_activation(self, wrapper: QuantizerModuleWrapper, qtype: str, x: torch.Tensor) -> torch.Tensor:
         cfg = wrapper.config
         lo, hi = getattr(wrapper, f"tracked_min_{qtype}"), getattr(wrapper, f"tracked_max_{qtype}")
@@ -120,6 +159,10 @@ class Quantizer:
         with torch.no_grad():
             for name, wrapper in self.modules_wrapper.items():
                 config[name] = self._layer_calibration(wrapper)
+        return self._complete_calibration(config)
+
+    def _complete_calibration(self, config: CalibrationConfig) -> CalibrationConfig:
+        """Last step of :meth:`calibration_config` (placement-aware quantizers add their tensors)."""
         return validate_calibration_config(config)
 
     def _layer_calibration(self, wrapper: QuantizerModuleWrapper) -> Dict[str, Any]:
@@ -139,7 +182,7 @@ class Quantizer:
                              weight_axis=axis if is_per_channel(scheme) else None,
                              folded_bn=wrapper.bn_name)
         for qtype in ("input", "output"):
-            if qtype not in cfg.quant_types:
+            if qtype not in wrapper.simulated_types:
                 continue
             bits = cfg.bits[qtype]
             entry[f"{qtype}_bits"] = bits

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from .call_points import strip_hooks
 from .config import LayerQuantConfig
 from .observers import NonFiniteTensorError
 
@@ -31,10 +32,23 @@ class QuantizerModuleWrapper(nn.Module):
         self.__dict__["_quantizer"] = quantizer  # a plain reference: NNI code may drop its own
         self.__dict__["bn"] = None  # a following BatchNorm whose folding is simulated (not a submodule)
         self.bn_name: Optional[str] = None
+        # the quant types this wrapper fake-quantizes itself; a placement-aware quantizer keeps
+        # only 'weight' here and quantizes activations where the backend places them
+        self.simulated_types: List[str] = list(config.quant_types)
         for qtype in ("input", "output"):
             if qtype in config.quant_types:
                 self.register_buffer(f"tracked_min_{qtype}", torch.tensor(float("nan")))
                 self.register_buffer(f"tracked_max_{qtype}", torch.tensor(float("nan")))
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper lacks are the wrapped module's (``layer.weight``, ``layer.in_features``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__["_modules"].get("module")
+            if module is None:
+                raise
+            return getattr(module, name)
 
     @property
     def quantizer(self) -> "Quantizer":
@@ -61,7 +75,7 @@ class QuantizerModuleWrapper(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         q = self.quantizer
-        types = self.config.quant_types
+        types = self.simulated_types
         try:
             if "input" in types:
                 if len(args) != 1 or kwargs or not torch.is_tensor(args[0]):
@@ -101,9 +115,7 @@ def unwrapped_copy(model: nn.Module) -> nn.Module:
     """
     memo = {id(m.quantizer): m.quantizer for m in model.modules() if isinstance(m, QuantizerModuleWrapper)}
     clone = copy.deepcopy(model, memo)
-    for hook_id, hook in list(clone._forward_hooks.items()):
-        if getattr(hook, "_mixq_hook", False):
-            del clone._forward_hooks[hook_id]
+    strip_hooks(clone)
     wrappers = [(n, m) for n, m in clone.named_modules() if isinstance(m, QuantizerModuleWrapper)]
     for name, wrapper in wrappers:
         set_submodule(clone, name, wrapper.module)

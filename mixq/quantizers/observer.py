@@ -1,7 +1,7 @@
 """Post-training quantization with range observers (calibrate, then compress, then export)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,34 +13,56 @@ from ..compressor.observers import OBSERVERS, Observer, make_observer
 from ..compressor.quantizer import Quantizer, weight_axis
 from ..compressor.fake_quant import is_per_channel
 from ..compressor.wrapper import QuantizerModuleWrapper
+from .placed import DEFAULT_BACKEND, PlacementMixin
 
 _observer_spec = Or(Or(*OBSERVERS), And(dict, lambda d: d.get("name") in OBSERVERS),
                     error=f"observer must be one of {sorted(OBSERVERS)} or a dict with 'name' and its options")
 DEFAULT_OBSERVER = "minmax"
 
 
-class ObserverQuantizer(Quantizer):
+class ObserverQuantizer(PlacementMixin, Quantizer):
     """PTQ: wrap, run calibration forwards (eval mode; layers run in float and are observed),
     ``compress()`` (ranges are computed and fake quantization switches on), ``export_model``.
 
     The observer is chosen per entry with ``'observer'``: a name (``'minmax'``,
     ``'moving_average'``, ``'percentile'``, ``'mse'``), a dict ``{'name': ..., **options}``, or a
     dict per quant type ``{'weight': 'mse', 'input': 'percentile'}``. Default: ``'minmax'``.
+
+    ``backend`` ('onnxruntime' default, 'tensorrt', 'auto', or None for the config's literal
+    module-boundary quantization) decides where activations are observed and quantized
+    (:mod:`.placed`); tensors the backend adds (residual Adds, Concats...) use min/max.
     """
 
-    def __init__(self, model: nn.Module, config_list: List[Dict[str, Any]], **kwargs: Any) -> None:
-        super().__init__(model, config_list, **kwargs)
+    def __init__(self, model: nn.Module, config_list: List[Dict[str, Any]], dummy_input: Any = None,
+                 backend: Optional[str] = DEFAULT_BACKEND, **kwargs: Any) -> None:
+        super().__init__(model, config_list, dummy_input=dummy_input, **kwargs)
         self.compressed = False
         self.observers: Dict[str, Dict[str, Observer]] = {}
+        self.point_observers: Dict[str, Observer] = {}
         self._weight_ranges: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         for name, wrapper in self.modules_wrapper.items():
-            spec = wrapper.config.extra.get("observer", DEFAULT_OBSERVER)
             self.observers[name] = {}
             for qtype in wrapper.config.quant_types:
-                choice = spec.get(qtype, DEFAULT_OBSERVER) if isinstance(spec, dict) and "name" not in spec else spec
                 axis = weight_axis(wrapper.module) if qtype == "weight" and is_per_channel(
                     wrapper.config.scheme["weight"]) else None
-                self.observers[name][qtype] = make_observer(choice, axis)
+                self.observers[name][qtype] = make_observer(self._observer_choice(name, qtype), axis)
+        self._init_placement(backend, dummy_input)
+
+    def _observer_choice(self, layer: Optional[str], qtype: Optional[str]) -> Any:
+        if layer is None or layer not in self.layer_configs:
+            return DEFAULT_OBSERVER
+        spec = self.layer_configs[layer].extra.get("observer", DEFAULT_OBSERVER)
+        return spec.get(qtype, DEFAULT_OBSERVER) if isinstance(spec, dict) and "name" not in spec else spec
+
+    def _on_points_placed(self) -> None:
+        self.point_observers = {key: make_observer(self._observer_choice(spec.layer, spec.kind), None)
+                                for key, spec in self.point_plan.points.items()}
+
+    def quantize_point(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        if not self.compressed:
+            self.point_observers[key].update(x)
+            return x
+        return self._fake_quant_point(key, x)
 
     @classmethod
     def config_spec(cls) -> ConfigListSpec:
@@ -69,12 +91,22 @@ class ObserverQuantizer(Quantizer):
 
     def compress(self) -> nn.Module:
         """Turn the observations into ranges and switch fake quantization on."""
+        if self.backend is not None:
+            self._require_placement()
         with torch.no_grad():
+            for key, observer in self.point_observers.items():
+                bits, scheme, dtype = self.point_grids[key]
+                if observer.min_val is None:
+                    raise RuntimeError(f"tensor {key!r} saw no data during calibration: run calibration forwards "
+                                       "through the wrapped model before compress()")
+                self.point_ranges[key] = observer.compute_range(bits, scheme, dtype)
             for name, wrapper in self.modules_wrapper.items():
                 cfg = wrapper.config
                 for qtype, observer in self.observers[name].items():
                     if qtype == "weight":
                         observer.update(wrapper.effective_weight())
+                    elif qtype not in wrapper.simulated_types:
+                        continue
                     elif observer.min_val is None:
                         raise RuntimeError(f"layer {name!r} saw no {qtype} during calibration: run calibration "
                                            "forwards through the wrapped model before compress()")

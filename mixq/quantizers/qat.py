@@ -11,9 +11,10 @@ from ..compressor.config import ConfigError
 from ..compressor.observers import _minmax
 from ..compressor.quantizer import Quantizer
 from ..compressor.wrapper import QuantizerModuleWrapper
+from .placed import DEFAULT_BACKEND, PlacementMixin
 
 
-class QAT_Quantizer(Quantizer):
+class QAT_Quantizer(PlacementMixin, Quantizer):
     """Fake-quantizes weights (per output channel, symmetric, by default) and activations
     (ranges tracked by an EMA of batch min/max, ``ema_decay`` 0.99) with straight-through
     gradients, from ``quant_start_step`` on.
@@ -23,11 +24,16 @@ class QAT_Quantizer(Quantizer):
     when ``fold_bn`` is true (default: when ``dummy_input`` is given, which is used to find the
     pairs). Without it, a following BN is folded exactly at export when weights are per-channel
     symmetric.
+
+    ``backend`` ('onnxruntime' default, 'tensorrt', 'auto', or None for the config's literal
+    module-boundary quantization) decides which activations are quantized (:mod:`.placed`):
+    exactly those the engine quantizes, so the trained accuracy is the deployed one.
     """
 
     def __init__(self, model: nn.Module, config_list: List[Dict[str, Any]],
                  optimizer: Optional[torch.optim.Optimizer] = None, dummy_input: Any = None,
-                 fold_bn: Optional[bool] = None, ema_decay: float = 0.99) -> None:
+                 fold_bn: Optional[bool] = None, ema_decay: float = 0.99,
+                 backend: Optional[str] = DEFAULT_BACKEND) -> None:
         super().__init__(model, config_list, optimizer, dummy_input)
         self.ema_decay = ema_decay
         self.steps = 0
@@ -50,6 +56,7 @@ class QAT_Quantizer(Quantizer):
                     q.steps += 1
             count_forward._mixq_hook = True
             self._step_handle = model.register_forward_hook(count_forward)
+        self._init_placement(backend, dummy_input)
 
     def _active(self, wrapper: QuantizerModuleWrapper) -> bool:
         return self.steps >= wrapper.config.quant_start_step
@@ -76,6 +83,25 @@ class QAT_Quantizer(Quantizer):
         if not self._active(wrapper):
             return x
         return self._fake_quant_activation(wrapper, qtype, x)
+
+    def _point_start(self, key: str) -> int:
+        spec = self.point_plan.points.get(key)
+        if spec is not None and spec.layer in self.layer_configs:
+            return self.layer_configs[spec.layer].quant_start_step
+        return min(cfg.quant_start_step for cfg in self.layer_configs.values())
+
+    def quantize_point(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        if self.bound_model.training:
+            lo, hi = _minmax(x, None)
+            old_lo, old_hi = self.point_ranges[key]
+            if torch.isnan(old_lo):
+                self.point_ranges[key] = (lo, hi)
+            else:
+                d = self.ema_decay
+                self.point_ranges[key] = (old_lo * d + (1 - d) * lo, old_hi * d + (1 - d) * hi)
+        if self.steps < self._point_start(key):
+            return x
+        return self._fake_quant_point(key, x)
 
     def quantize_input(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
         return self._activation(wrapper, "input", x)

@@ -33,7 +33,8 @@ import onnx
 import torch
 import torch.nn as nn
 
-from ..compressor.calibration import CalibrationConfig, load_calibration_config, validate_calibration_config
+from ..compressor.calibration import (PLACEMENT_KEY, TENSORS_KEY, CalibrationConfig, layer_entries,
+                                     load_calibration_config, validate_calibration_config)
 from ..compressor.config import WEIGHT_TYPES
 from ..compressor.fake_quant import is_integer_bits
 from ..compressor.wrapper import QuantizerModuleWrapper, unwrapped_copy
@@ -43,14 +44,13 @@ from .engine_file import read_engine_file, write_engine_file
 from .module_map import module_calls
 from .onnx_export import DEFAULT_EXPORTER, conv_bn_pairs, export_onnx
 from .onnx_qdq import annotate
-from .precision_plan import PRECISION_ORDER, PrecisionPlan, build_plan, choose_folds
+from ..placement.locate import locate_points
+from .precision_plan import PRECISION_ORDER, PrecisionPlan, build_plan, choose_folds, grid_from_range
 
 logger = logging.getLogger(__name__)
 
 Shape = Tuple[int, ...]
 EXTRA_LAYER_BITS = (8, 16, 32)
-ACTIVATION_TYPES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 QUANT_TYPES = ("weight", "input", "output")
 
 
@@ -160,9 +160,7 @@ class ModelSpeedup:
         return BuildOptions(max_batch=self.batchsize, opt_batch=self.batchsize, num_threads=self.num_threads)
 
     def _float_model(self) -> nn.Module:
-        wrapped = any(isinstance(m, QuantizerModuleWrapper) for m in self.model.modules())
-        model = unwrapped_copy(self.model) if wrapped else copy.deepcopy(self.model)
-        return model.cpu().float().eval()
+        return unwrapped_copy(self.model).cpu().float().eval()
 
     def _example_inputs(self) -> List[torch.Tensor]:
         gen = torch.Generator().manual_seed(0)
@@ -171,67 +169,9 @@ class ModelSpeedup:
     def _extra_layers(self, model: nn.Module, config: CalibrationConfig) -> List[str]:
         return [n for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES) and n not in config]
 
-    def _auto_config_list(self, model: nn.Module, layers: List[str], configured: Iterable[str]) -> List[Dict[str, Any]]:
-        """Config list quantizing ``layers`` to int8 (see the module docstring)."""
-        configured = set(configured)
-        act = ({"quant_scheme": "per_tensor_affine", "quant_dtype": "uint"} if self.backend_name == "onnxruntime"
-               else {"quant_scheme": "per_tensor_symmetric", "quant_dtype": "int"})
-        items = [{"op_names": [name], "quant_types": ["input", "weight"], "quant_bits": 8,
-                  "quant_scheme": {"input": act["quant_scheme"], "weight": "per_channel_symmetric"},
-                  "quant_dtype": {"input": act["quant_dtype"], "weight": "int"}} for name in layers]
-        feeds_activation, returned = self._module_consumers(model)
-        for name, module in model.named_modules():
-            if name in configured or name in returned or (name not in layers and not isinstance(
-                    module, ACTIVATION_TYPES + BN_TYPES)):
-                continue
-            if isinstance(module, ACTIVATION_TYPES) or not feeds_activation.get(name, False):
-                if name in layers:
-                    items[layers.index(name)]["quant_types"].append("output")
-                    items[layers.index(name)]["quant_bits"] = 8
-                else:
-                    items.append({"op_names": [name], "quant_types": ["output"], "quant_bits": 8, **act})
-        for item in items:  # per-type scheme/dtype dicts must cover exactly the quant types
-            for key in ("quant_scheme", "quant_dtype"):
-                if isinstance(item.get(key), dict):
-                    item[key] = {t: item[key].get(t, act[key]) for t in item["quant_types"]}
-        return items
-
-    def _module_consumers(self, model: nn.Module) -> Tuple[Dict[str, bool], set]:
-        """Per leaf module: does its output go only into one activation/BN module; which modules'
-        outputs the model returns."""
-        # the tensors themselves are kept until the forward ends: a freed output's id() may be
-        # reused by a later tensor (an Add's result, say), which would then pass for that output
-        outputs: Dict[int, Tuple[str, torch.Tensor]] = {}
-        readers: Dict[str, List[nn.Module]] = {}
-        handles = []
-        leaves = [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
-
-        def out_hook(name):
-            def hook(_m, _i, out):
-                if torch.is_tensor(out):
-                    outputs[id(out)] = (name, out)
-            return hook
-
-        def in_hook(module):
-            def hook(_m, inputs):
-                for t in inputs:
-                    if torch.is_tensor(t) and id(t) in outputs:
-                        readers.setdefault(outputs[id(t)][0], []).append(module)
-            return hook
-
-        for name, module in leaves:
-            handles.append(module.register_forward_pre_hook(in_hook(module)))
-            handles.append(module.register_forward_hook(out_hook(name)))
-        try:
-            with torch.no_grad():
-                result = model(*self._example_inputs())
-        finally:
-            for h in handles:
-                h.remove()
-        results = [result] if torch.is_tensor(result) else list(result)
-        returned = {outputs[id(t)][0] for t in results if id(t) in outputs}
-        feeds = {name: len(r) == 1 and isinstance(r[0], ACTIVATION_TYPES + BN_TYPES) for name, r in readers.items()}
-        return feeds, returned
+    def _auto_config_list(self, layers: List[str]) -> List[Dict[str, Any]]:
+        """Config list making ``layers`` int8: the backend's placement quantizes what they need."""
+        return [{"op_names": list(layers), "quant_types": ["weight"], "quant_bits": 8}] if layers else []
 
     def _calibrate(self, model: nn.Module, config_list: List[Dict[str, Any]]) -> CalibrationConfig:
         from ..quantizers import ObserverQuantizer
@@ -240,7 +180,7 @@ class ModelSpeedup:
             raise ValueError("activation ranges are missing (config entries without tracked ranges, or "
                              "extra_layer_bits=8): pass calib_data_loader= with a few batches of real inputs")
         clone = copy.deepcopy(model)
-        quantizer = ObserverQuantizer(clone, config_list)
+        quantizer = ObserverQuantizer(clone, config_list, backend=self.backend_name)
         seen = 0
         with torch.no_grad():
             for i, batch in enumerate(self.calib_data_loader):
@@ -251,27 +191,52 @@ class ModelSpeedup:
         if not seen:
             raise ValueError("calib_data_loader yielded no batch; give it real input batches")
         quantizer.compress()
-        logger.info("calibrated %d layers on %d batches", len(config_list), seen)
+        logger.info("calibrated %d config entries on %d batches for %s", len(config_list), seen, self.backend_name)
         return quantizer.calibration_config()
 
     def _resolve_config(self, model: nn.Module) -> Tuple[CalibrationConfig, List[str]]:
         config = dict(self.config or {})
         names = {n for n, _ in model.named_modules()}
-        for name in config:
+        for name in layer_entries(config):
             if name not in names:
                 close = difflib.get_close_matches(name, sorted(names), n=3)
                 raise ValueError(f"the config names layer {name!r}, which is not a module of the model"
                                  + (f"; close matches: {', '.join(close)}" if close else "")
                                  + ": export the calibration from this model")
-        needs = {name: entry for name, entry in config.items() if not _has_ranges(entry)}
-        ready = validate_calibration_config({n: e for n, e in config.items() if n not in needs})
-        extra = self._extra_layers(model, config)
-        config_list = [_config_list_entry(n, e) for n, e in needs.items()]
-        if self.extra_layer_bits == 8 and extra:
-            config_list += self._auto_config_list(model, extra, config)
-        if config_list:
-            ready.update({n: e for n, e in self._calibrate(model, config_list).items() if n not in ready})
-        return ready, ([] if self.extra_layer_bits == 8 else extra)
+        placed = config.get(PLACEMENT_KEY)
+        if placed is not None and placed["backend"] != self.backend_name:
+            raise ValueError(f"the calibration places quantization for {placed['backend']!r}, this engine is "
+                             f"{self.backend_name!r}: calibrate again with the quantizer's "
+                             f"backend={self.backend_name!r} (or build with backend={placed['backend']!r})")
+        layers = layer_entries(config)
+        needs = {name: entry for name, entry in layers.items() if not _has_ranges(entry)}
+        extra = self._extra_layers(model, layers)
+        if not needs and not (self.extra_layer_bits == 8 and extra):
+            return validate_calibration_config(config), ([] if self.extra_layer_bits == 8 else extra)
+        # calibrate with one joint placement over every integer layer; keep what the config measured
+        config_list = [_config_list_entry(n, e) for n, e in layers.items()]
+        if self.extra_layer_bits == 8:
+            config_list += self._auto_config_list(extra)
+        calibrated = self._calibrate(model, config_list)
+        resolved = {n: e for n, e in layers.items() if n not in needs}
+        resolved.update({n: e for n, e in layer_entries(calibrated).items() if n not in resolved})
+        tensors = dict(calibrated.get(TENSORS_KEY, {}))
+        tensors.update({k: v for k, v in config.get(TENSORS_KEY, {}).items() if k in tensors})
+        resolved[TENSORS_KEY], resolved[PLACEMENT_KEY] = tensors, calibrated[PLACEMENT_KEY]
+        return validate_calibration_config(resolved), ([] if self.extra_layer_bits == 8 else extra)
+
+    def _locate_points(self, model: nn.Module, exported, calls, config: CalibrationConfig, example):
+        """Grids of a placed calibration's tensors, located in this export."""
+        tensors = config.get(TENSORS_KEY)
+        if tensors is None:
+            return None, None
+        located = locate_points(exported.model, calls, model, example, tensors)
+        for key in located.missing:
+            logger.warning("calibration tensor %s has no counterpart in this model's graph; it is not quantized "
+                           "(calibrate this model again)", key)
+        points = {t: _grid(tensors[k]) for k, t in located.tensors.items()}
+        edges = {edge: _grid(tensors[k]) for k, es in located.edges.items() for edge in es}
+        return points, edges
 
     def compress(self) -> "ModelSpeedup":
         """Export the float model, annotate it per the config, build the engine (and run it
@@ -283,11 +248,13 @@ class ModelSpeedup:
         example = self._example_inputs()
         config, extra = self._resolve_config(model)
         pairs = conv_bn_pairs(model, example)
-        folds = choose_folds(model, pairs, config)
+        folds = choose_folds(model, pairs, config, placed=TENSORS_KEY in config)
         kept = [bn for conv, bn in pairs.items() if conv not in folds]
         exported = export_onnx(model, example, folds, self.exporter, keep=kept)
         calls = module_calls(exported.model, [n for n, _ in model.named_modules()])
-        self.plan = build_plan(exported.model, calls, exported.folded, model, config, extra, self.extra_layer_bits)
+        points, edges = self._locate_points(model, exported, calls, config, example)
+        self.plan = build_plan(exported.model, calls, exported.folded, model, config, extra, self.extra_layer_bits,
+                               points=points, point_edges=edges)
         self.annotated_model = annotate(exported.model, self.plan)
         self._layer_nodes = self.plan.layer_nodes()
         self.input_names, self.output_names = exported.input_names, exported.output_names
@@ -424,6 +391,10 @@ class ModelSpeedupTensorRT(ModelSpeedup):
                  **kwargs: Any) -> None:
         kwargs.setdefault("backend", "tensorrt")
         super().__init__(model, input_shape, config=config, batchsize=batchsize, **kwargs)
+
+
+def _grid(entry: Dict[str, Any]):
+    return grid_from_range(entry["tracked_min"], entry["tracked_max"], entry["bits"], entry["scheme"], entry["dtype"])
 
 
 def _default_threads() -> int:

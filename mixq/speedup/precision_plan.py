@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from onnx import numpy_helper
 
-from ..compressor.calibration import CalibrationConfig
+from ..compressor.calibration import CalibrationConfig, layer_entries
 from ..compressor.config import WEIGHT_TYPES
 from ..compressor.fake_quant import (FP16_BITS, is_integer_bits, is_per_channel, is_symmetric, qparams_from_range,
                                      quant_range, quantize)
@@ -206,6 +206,10 @@ def weight_codes(weight: torch.Tensor, entry: Mapping[str, Any], layer: str,
     return codes, scales, zps, axis
 
 
+# the scale an all-zero channel gets (a pruned filter, a zero-initialised head): any grid fits it
+_SMALLEST_SCALE = 1.0001 * torch.finfo(torch.float32).eps
+
+
 def _check_codes(ref: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, qmin: int,
                  qmax: int, axis: Optional[int], layer: str, symmetric: bool) -> None:
     """The scales must belong to this weight: every observer picks a grid inside the weight's
@@ -217,7 +221,7 @@ def _check_codes(ref: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, z
         hi = torch.maximum(hi, -lo)
         lo = -hi
     grid_lo, grid_hi = (qmin - zps) * scales, (qmax - zps) * scales
-    too_wide = (grid_hi > hi + 1.01 * scales) | (grid_lo < lo - 1.01 * scales)
+    too_wide = ((grid_hi > hi + 1.01 * scales) | (grid_lo < lo - 1.01 * scales)) & (scales > _SMALLEST_SCALE)
     clamped = float(((codes <= qmin) | (codes >= qmax)).float().mean())
     if bool(too_wide.any()) or clamped > 0.5:
         raise ValueError(f"the calibration config of layer {layer!r} does not match the model's weights "
@@ -239,14 +243,16 @@ def onnx_weight_quant(codes: torch.Tensor, scales: torch.Tensor, zps: torch.Tens
                        zps.to(torch.int8).numpy(), axis, bits)
 
 
-def choose_folds(model: nn.Module, pairs: Mapping[str, str], config: CalibrationConfig) -> Dict[str, str]:
+def choose_folds(model: nn.Module, pairs: Mapping[str, str], config: CalibrationConfig,
+                 placed: bool = False) -> Dict[str, str]:
     """The Conv -> BN pairs that can be folded consistently with the calibration: not when the
-    conv's output or the BN's input is quantized (that sits between the two), nor when the
-    integer weights would not survive folding."""
+    conv's output or the BN's input is quantized (that sits between the two; a placed
+    calibration quantizes after the BN, as the backend folds it), nor when the integer weights
+    would not survive folding."""
     folds = {}
     for conv_name, bn_name in pairs.items():
         conv_entry, bn_entry = config.get(conv_name, {}), config.get(bn_name, {})
-        if "output_bits" in conv_entry or "input_bits" in bn_entry:
+        if not placed and ("output_bits" in conv_entry or "input_bits" in bn_entry):
             logger.info("not folding %s into %s: a quantizer sits between them", bn_name, conv_name)
             continue
         if is_integer_bits(conv_entry.get("weight_bits", 32)):
@@ -357,7 +363,8 @@ class _Planner:
             return [ModuleCall(name, c.nodes, [], c.outputs) for c in self.calls.get(self.bn_alias[name], [])]
         return self.calls.get(name, [])
 
-    def add_layer(self, spec: LayerSpec) -> None:
+    def add_layer(self, spec: LayerSpec, activations: bool = True) -> None:
+        """Plan one configured layer; ``activations=False`` when placed points quantize them."""
         layer = LayerPlan(spec.name, spec.requested)
         self.plan.layers[spec.name] = layer
         calls = self.layer_calls(spec.name)
@@ -366,8 +373,9 @@ class _Planner:
             return
         for call in calls:
             layer.nodes.extend(self.g.data_nodes(call.nodes))
-            self._activation(spec, call, "input", call.inputs, layer)
-            self._activation(spec, call, "output", call.outputs, layer)
+            if activations or any(spec.bits(q) == FP16_BITS for q in ("input", "output")):
+                self._activation(spec, call, "input", call.inputs, layer)
+                self._activation(spec, call, "output", call.outputs, layer)
             if spec.bits("weight") is not None and spec.name not in self.bn_alias:
                 self._weight(spec, call, layer)
 
@@ -532,16 +540,24 @@ class _Planner:
 
 def build_plan(model: onnx.ModelProto, calls: Mapping[str, List[ModuleCall]], folded: Mapping[str, FoldedBatchNorm],
                torch_model: nn.Module, config: CalibrationConfig, extra_layers: Sequence[str] = (),
-               extra_layer_bits: int = 32) -> PrecisionPlan:
+               extra_layer_bits: int = 32, points: Optional[Mapping[str, Grid]] = None,
+               point_edges: Optional[Mapping[Tuple[str, str], Grid]] = None) -> PrecisionPlan:
     """Plan the precision of every node of ``model`` (the fp32 export of ``torch_model``,
     BN folded as ``folded`` says) from ``config``.
 
     ``extra_layers`` are layers absent from ``config`` that run at ``extra_layer_bits``
     (16 or 32 here; 8-bit extra layers need ranges, so they arrive calibrated in ``config``).
+    ``points``/``point_edges`` are a placed calibration's tensors (located in ``model``): they
+    quantize the activations, and the layers' own activation entries are then only informative.
     """
     planner = _Planner(model, calls, folded, torch_model)
-    for name, entry in config.items():
-        planner.add_layer(LayerSpec(name, entry, isinstance(torch_model.get_submodule(name), WEIGHT_TYPES)))
+    placed = points is not None
+    for name, entry in layer_entries(config).items():
+        planner.add_layer(LayerSpec(name, entry, isinstance(torch_model.get_submodule(name), WEIGHT_TYPES)),
+                          activations=not placed)
+    for tensor, grid in (points or {}).items():
+        planner.plan.tensor_grids.setdefault(tensor, []).append(grid)
+    planner.plan.edge_grids.update(point_edges or {})
     if extra_layer_bits == FP16_BITS:
         for name in extra_layers:
             planner.add_layer(LayerSpec(name, {"type": type(torch_model.get_submodule(name)).__name__,

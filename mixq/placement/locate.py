@@ -1,0 +1,67 @@
+"""Find the ONNX tensors of a calibration's placed points (point key -> tensor) in an export."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+from ..compressor.call_points import PointKey, key_module, trace_points
+from ..speedup.module_map import ModuleCall
+from .matching import _close, match_tensors, onnx_tensor_values
+from .onnx_graph import OnnxGraph
+
+
+@dataclass
+class LocatedPoints:
+    """Where each point key sits in the graph: a tensor, or (for a layer's input) the edges into
+    the layer's nodes; ``missing`` keys have no counterpart in this export."""
+
+    tensors: Dict[PointKey, str] = field(default_factory=dict)
+    edges: Dict[PointKey, List[Tuple[str, str]]] = field(default_factory=dict)
+    missing: List[PointKey] = field(default_factory=list)
+
+
+def locate_points(model: onnx.ModelProto, calls: Mapping[str, List[ModuleCall]], torch_model: nn.Module,
+                  example_inputs: Sequence[torch.Tensor], keys: Iterable[PointKey]) -> LocatedPoints:
+    """Map ``keys`` onto ``model`` (the fp32 export of ``torch_model``) by value on one sample."""
+    g = OnnxGraph(model)
+    example = [t[:1] for t in example_inputs]
+    wanted = [t for n in g.nodes for t in list(n.input) + list(n.output) if g.is_activation(t)]
+    with torch.no_grad():
+        values = onnx_tensor_values(model, [t.detach().cpu().float().numpy() for t in example], wanted)
+        records = trace_points(torch_model.eval(), example)
+    tensor_of: Dict[PointKey, str] = {}
+    for tensor, key in match_tensors(values, records).items():
+        tensor_of.setdefault(key, tensor)
+    found = LocatedPoints()
+    for key in keys:
+        parts = key_module(key)
+        if parts is not None and parts[2] is not None:
+            module, call, _ = parts
+            edges = _input_edges(g, calls.get(module, []), call, records.get(key), values)
+            if edges:
+                found.edges[key] = edges
+            else:
+                found.missing.append(key)
+        elif key in tensor_of:
+            found.tensors[key] = tensor_of[key]
+        else:
+            found.missing.append(key)
+    return found
+
+
+def _input_edges(g: OnnxGraph, calls: List[ModuleCall], call: int, value, values: Mapping[str, np.ndarray]
+                 ) -> List[Tuple[str, str]]:
+    if value is None or call >= len(calls):
+        return []
+    target = value.numpy()
+    for tensor in calls[call].inputs:
+        v = values.get(tensor)
+        if v is not None and v.shape == target.shape and _close(v, target):
+            nodes = set(calls[call].nodes)
+            return [(tensor, r.name) for r in g.readers(tensor) if r.name in nodes]
+    return []

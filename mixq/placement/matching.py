@@ -1,0 +1,84 @@
+"""Which torch tensor (point key) each ONNX tensor is, found by value on one example batch.
+
+The fp32 ONNX graph and the torch model run on the same inputs; an ONNX tensor is the torch
+tensor with the same shape and the same values (up to float rounding: BatchNorm is folded in
+the graph). Exporters rename, fold and decompose freely, but they never change what a tensor
+holds, so this needs no knowledge of either exporter's naming. Among equal tensors (a Dropout
+or a view that passes values through) the earliest computed is taken: quantizing it there
+is what every later reader of the ONNX tensor sees.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+import torch
+
+from ..compressor.call_points import PointKey, key_module
+
+RTOL = 1e-3
+ATOL = 1e-5
+
+
+def onnx_tensor_values(model: onnx.ModelProto, inputs: Sequence[np.ndarray], names: Iterable[str]) -> Dict[str, np.ndarray]:
+    """Values of the float tensors ``names`` of ``model`` on ``inputs`` (ONNX Runtime, no graph
+    optimization, so every tensor exists as written)."""
+    import onnxruntime as ort
+
+    wanted = [n for n in dict.fromkeys(names)]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    graph_inputs = {i.name for i in probe.graph.input}
+    for name in wanted:
+        if name not in existing and name not in graph_inputs:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feed = {i.name: a for i, a in zip(session.get_inputs(), inputs)}
+    out_names = [o.name for o in session.get_outputs()]
+    values = dict(zip(out_names, session.run(out_names, feed)))
+    values.update(feed)
+    return {n: np.asarray(values[n]) for n in wanted if n in values}
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    scale = float(np.max(np.abs(a))) if a.size else 0.0
+    return bool(np.max(np.abs(a - b), initial=0.0) <= ATOL + RTOL * scale)
+
+
+def match_tensors(onnx_values: Mapping[str, np.ndarray], torch_values: Mapping[PointKey, torch.Tensor],
+                  allow_inputs: bool = False) -> Dict[str, PointKey]:
+    """``{onnx tensor: point key}`` for every ONNX tensor a torch tensor equals.
+
+    Module-input keys are only taken with ``allow_inputs`` (they name the same tensor as the
+    output that produced it, which is preferred).
+    """
+    by_shape: Dict[Tuple[int, ...], List[Tuple[PointKey, np.ndarray]]] = defaultdict(list)
+    for key, tensor in torch_values.items():
+        module = key_module(key)
+        if module is not None and module[2] is not None and not allow_inputs:
+            continue
+        by_shape[tuple(tensor.shape)].append((key, tensor.detach().cpu().numpy()))
+    result = {}
+    for name, value in onnx_values.items():
+        for key, candidate in by_shape.get(tuple(value.shape), []):
+            if _close(value, candidate):
+                result[name] = key
+                break
+    return result
+
+
+def match_input(value: np.ndarray, torch_values: Mapping[PointKey, torch.Tensor], module: str,
+                call: int) -> Optional[PointKey]:
+    """The input key of call ``call`` of ``module`` whose value is ``value``, if any."""
+    prefix = f"{module}@{call}:in"
+    for key, tensor in torch_values.items():
+        if key.startswith(prefix) and tuple(tensor.shape) == value.shape and _close(value, tensor.numpy()):
+            return key
+    return None

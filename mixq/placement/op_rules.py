@@ -1,0 +1,86 @@
+"""What each backend runs in integer, as small per-backend op-rule sets (one registry).
+
+The placement policy (:mod:`.policy`) reads these rules; it never hard-codes an op.
+
+ONNX Runtime (CPU provider): the QDQ selectors of ``qdq_selector_action_transformer.cc``
+(onnxruntime/core/optimizer/qdq_transformer/selectors_actions): Conv, MatMul and Gemm with
+quantized inputs and weights; Add and Mul (``2DQ`` -> QLinearAdd/QLinearMul); Concat
+(``*DQ`` -> QLinearConcat); AveragePool, GlobalAveragePool, LeakyRelu, Sigmoid, Softmax
+(``1DQ`` -> QLinear*); ops that do not change values run on the quantized tensor when the Q/DQ
+around them are equal (``drop``: MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze,
+Slice...). ``ReluQuantFusion``/``ClipQuantFusion`` remove a ReLU/Clip in front of a
+QuantizeLinear whose grid already saturates there, so a conv/add followed by a ReLU is one
+integer kernel when the ReLU's output is quantized with zero point 0. ReduceMean over the
+spatial axes is run as GlobalAveragePool (the backend rewrites it).
+
+TensorRT (explicit quantization, strongly typed): Q/DQ on the inputs of Conv/MatMul/Gemm (and
+their weights) and on the residual input of an Add that follows a conv; TensorRT fuses the rest
+itself ("Q/DQ Layer-Placement Recommendations", TensorRT developer guide, "Working with
+Quantized Types"). Grids are symmetric int8 (zero point 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, FrozenSet
+
+import onnx
+
+
+@dataclass(frozen=True)
+class OpRules:
+    """One backend's integer-execution rules."""
+
+    backend: str
+    integer_ops: FrozenSet[str]          # integer kernels when data inputs and output are quantized
+    grid_ops: FrozenSet[str]             # output stays on the input's grid: no range of their own
+    fusable_activations: FrozenSet[str]  # absorbed into the integer op before them (output quantized)
+    float_output_ops: FrozenSet[str]     # integer kernels that may return float (no Q needed after)
+    quantize_outputs: bool               # integer ops need a QuantizeLinear after them
+    quantize_residual_input: bool        # quantize the non-conv input of an Add that follows a conv
+    default_scheme: str
+    default_dtype: str
+
+    def is_integer_op(self, node: onnx.NodeProto, constant_inputs: int) -> bool:
+        """True if ``node`` (with ``constant_inputs`` constant data inputs) runs integer here."""
+        if node.op_type not in self.integer_ops:
+            return False
+        if node.op_type in ("Add", "Mul"):
+            return constant_inputs == 0  # a constant operand would be requantized per tensor
+        return True
+
+
+ONNXRUNTIME = OpRules(
+    backend="onnxruntime",
+    integer_ops=frozenset({"Add", "Mul", "Concat", "Sigmoid", "AveragePool", "GlobalAveragePool", "LeakyRelu",
+                           "Softmax", "ReduceMean"}),
+    grid_ops=frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Relu",
+                        "Clip", "Slice"}),
+    fusable_activations=frozenset({"Relu", "Clip"}),
+    float_output_ops=frozenset({"Gemm", "MatMul"}),
+    quantize_outputs=True,
+    quantize_residual_input=False,
+    default_scheme="per_tensor_affine",
+    default_dtype="uint",
+)
+
+TENSORRT = OpRules(
+    backend="tensorrt",
+    integer_ops=frozenset(),
+    grid_ops=frozenset(),
+    fusable_activations=frozenset(),
+    float_output_ops=frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"}),
+    quantize_outputs=False,
+    quantize_residual_input=True,
+    default_scheme="per_tensor_symmetric",
+    default_dtype="int",
+)
+
+RULES: Dict[str, OpRules] = {r.backend: r for r in (ONNXRUNTIME, TENSORRT)}
+
+
+def rules_for(backend: str) -> OpRules:
+    """The rules of ``backend`` ('onnxruntime' or 'tensorrt')."""
+    try:
+        return RULES[backend]
+    except KeyError:
+        raise ValueError(f"no placement rules for backend {backend!r}; choose one of {sorted(RULES)}") from None

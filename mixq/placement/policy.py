@@ -1,0 +1,318 @@
+"""Where quantize/dequantize sit: the backend's placement policy on the fp32 ONNX graph.
+
+The config says *which layers* run at which bits; this module decides *which tensors* carry a
+quantization grid so that those layers really run as integer kernels on the backend
+(:mod:`.op_rules`), the way ONNX Runtime's QDQ op registry or TensorRT Model Optimizer's rules
+own it:
+
+1. the integer region starts at the Conv/Gemm/MatMul nodes whose weights are quantized;
+2. it grows through ops the backend runs in integer (Add, Mul, Concat, Sigmoid, pooling...)
+   when one of their inputs comes from the region, and through grid-preserving ops (MaxPool,
+   Reshape, Flatten...) that sit between region nodes; nodes of layers the config keeps in
+   float never join;
+3. a ReLU (or Clip from 0) that is the only reader of an integer op's output is absorbed: the
+   tensor after it is quantized instead (zero point 0), so the pair is one kernel;
+4. every data input of a region node, and every output the backend needs quantized, gets one
+   shared grid (*point*), observed by the quantizer; outputs of grid-preserving ops keep their
+   input's grid (*derived*, no range of their own);
+5. the config's own input/output requests are honoured on top: same tensor, their bits and
+   explicit scheme; a request that conflicts with the grid a tensor already has becomes a
+   requantization for that reader only (*edge*); a request on a tensor absorbed into a fused
+   activation is moved after the activation (as TensorRT does).
+
+Tensors in ``blocked`` cannot be quantized (no torch counterpart to simulate them, or no range):
+nodes that would need them leave the region, and the result says why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Dict, FrozenSet, Iterable, Optional, Set, Tuple
+
+import onnx
+
+from .onnx_graph import WEIGHTED_OPS, OnnxGraph
+from .op_rules import OpRules
+
+DEFAULT_ACTIVATION_BITS = 8
+
+
+@dataclass(frozen=True)
+class PointSpec:
+    """How one tensor is quantized: bits, and the scheme/dtype (None: the backend's default)."""
+
+    bits: int = DEFAULT_ACTIVATION_BITS
+    scheme: Optional[str] = None
+    dtype: Optional[str] = None
+    why: str = ""
+    layer: Optional[str] = None   # the config layer that asked for it, if one did
+    kind: Optional[str] = None    # and for its 'input' or 'output'
+
+    def same_grid(self, other: "PointSpec") -> bool:
+        return (self.bits, self.scheme, self.dtype) == (other.bits, other.scheme, other.dtype)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A config layer's explicit input/output quantization of one tensor."""
+
+    layer: str
+    kind: str                 # 'input' | 'output'
+    tensor: str
+    readers: Tuple[str, ...]  # for inputs: the layer's nodes that read the tensor
+    spec: PointSpec
+
+
+@dataclass
+class Placement:
+    """The tensors to quantize and the nodes that then run in integer."""
+
+    integer_nodes: Set[str] = field(default_factory=set)
+    points: Dict[str, PointSpec] = field(default_factory=dict)        # observed tensors
+    derived: Dict[str, str] = field(default_factory=dict)             # tensor -> point whose grid it keeps
+    edges: Dict[Tuple[str, str], PointSpec] = field(default_factory=dict)  # (tensor, reader) requantized
+    requant: Dict[str, PointSpec] = field(default_factory=dict)       # derived tensor requantized after its op
+    absorbed: Set[str] = field(default_factory=set)                   # activations fused into the op before
+    notes: Dict[str, str] = field(default_factory=dict)               # node -> why it stays float
+    moved: Dict[str, str] = field(default_factory=dict)               # request tensor -> tensor it moved to
+
+
+def _spatial_mean(g: OnnxGraph, node: onnx.NodeProto) -> bool:
+    """ReduceMean over H and W of a 4-D tensor, keeping dims (what GlobalAveragePool computes)."""
+    keep = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+    axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = g.constant(node.input[1])
+        axes = None if value is None else [int(v) for v in value.reshape(-1)]
+    shape = g.shapes.get(node.input[0])
+    if not keep or axes is None or not shape or len(shape) != 4:
+        return False
+    return sorted(a % 4 for a in axes) == [2, 3]
+
+
+class _Policy:
+    def __init__(self, g: OnnxGraph, rules: OpRules, int_nodes: Iterable[str], float_nodes: Iterable[str],
+                 requests: Iterable[Request], blocked: FrozenSet[str]) -> None:
+        self.g = g
+        self.rules = rules
+        self.seed = [n for n in int_nodes if n in g.by_name]
+        self.float_nodes = set(float_nodes)
+        self.requests = list(requests)
+        self.blocked = blocked
+        self.p = Placement()
+
+    # -- the integer region --------------------------------------------------------------------
+    def _constant_data_inputs(self, node: onnx.NodeProto) -> int:
+        return sum(1 for i in node.input[:2] if i and not self.g.is_activation(i))
+
+    def _joins(self, node: onnx.NodeProto, region: Set[str]) -> str:
+        """'op' if ``node`` joins the region as an integer op, 'grid' as a grid-preserving op, else ''."""
+        g, rules = self.g, self.rules
+        if node.name in region or node.name in self.float_nodes or node.op_type in WEIGHTED_OPS:
+            return ""
+        inputs = g.activation_inputs(node)
+        if not inputs or any(i in self.blocked for i in inputs):
+            return ""
+        from_region = [i for i in inputs if g.producer.get(i) is not None and g.producer[i].name in region]
+        if not from_region:
+            return ""
+        if node.op_type in rules.grid_ops:
+            if node.op_type == "MaxPool" and len([o for o in node.output if o]) > 1:
+                return ""
+            return "grid" if inputs[0] in from_region else ""
+        if rules.is_integer_op(node, self._constant_data_inputs(node)):
+            if node.op_type == "ReduceMean" and not _spatial_mean(g, node):
+                return ""
+            if node.output[0] in self.blocked:
+                return ""
+            return "op"
+        return ""
+
+    def _grow(self, region: Set[str]) -> Dict[str, str]:
+        kinds = {n: "op" for n in region}
+        if not self.rules.integer_ops and not self.rules.grid_ops:
+            return kinds
+        changed = True
+        while changed:
+            changed = False
+            for node in self.g.nodes:
+                kind = self._joins(node, region)
+                if kind:
+                    region.add(node.name)
+                    kinds[node.name] = kind
+                    changed = True
+        return kinds
+
+    def _prune_grid_tails(self, region: Set[str], kinds: Dict[str, str]) -> None:
+        """Drop grid-preserving ops whose output no region node reads (they gain nothing)."""
+        changed = True
+        while changed:
+            changed = False
+            for name in [n for n in region if kinds.get(n) == "grid"]:
+                out = self.g.by_name[name].output[0]
+                if not any(r.name in region for r in self.g.readers(out)):
+                    region.discard(name)
+                    kinds.pop(name)
+                    changed = True
+
+    def _absorb(self, node: onnx.NodeProto) -> Optional[onnx.NodeProto]:
+        """The ReLU/Clip(0, ...) that alone reads ``node``'s output and fuses into it, if any."""
+        out = node.output[0]
+        readers = self.g.readers(out)
+        if out in self.g.outputs or len(readers) != 1:
+            return None
+        act = readers[0]
+        if act.op_type not in self.rules.fusable_activations or act.name in self.float_nodes:
+            return None
+        if act.op_type == "Clip":
+            lo, _hi = self.g.clip_bounds(act)
+            if lo != 0.0:
+                return None
+        if act.output[0] in self.blocked:
+            return None
+        return act
+
+    # -- points --------------------------------------------------------------------------------
+    def _place_once(self) -> Optional[Set[str]]:
+        """One placement; returns the nodes to force to float when a needed tensor is blocked."""
+        g, rules = self.g, self.rules
+        region = set(n for n in self.seed if n not in self.float_nodes)
+        kinds = self._grow(region)
+        self._prune_grid_tails(region, kinds)
+        p = Placement()
+        out_tensor: Dict[str, str] = {}
+        for name in [n for n in g.order if n in region and kinds[n] == "op"]:
+            node = g.by_name[name]
+            act = self._absorb(node) if rules.fusable_activations else None
+            if act is not None:
+                p.absorbed.add(act.name)
+                out_tensor[name] = act.output[0]
+            else:
+                out_tensor[name] = node.output[0]
+        region |= p.absorbed
+        failed: Set[str] = set()
+
+        def need(tensor: str, why: str, node: str) -> None:
+            if tensor in p.points or tensor in p.derived:
+                return
+            if tensor in self.blocked:
+                failed.add(node)
+                self.p.notes.setdefault(node, f"{why}: {self.blocked_reason(tensor)}")
+                return
+            p.points[tensor] = PointSpec(why=why)
+
+        for name in [n for n in g.order if n in region]:
+            node = g.by_name[name]
+            kind = kinds.get(name)
+            if name in p.absorbed:
+                continue
+            if kind == "grid":
+                continue
+            for t in g.activation_inputs(node):
+                producer = g.producer.get(t)
+                if producer is not None and kinds.get(producer.name) == "grid" and producer.name in region:
+                    continue  # derived below
+                if rules.quantize_outputs or node.op_type in WEIGHTED_OPS:
+                    need(t, f"input of {node.op_type} {name}", name)
+            if rules.quantize_outputs:
+                out = out_tensor[name]
+                region_reads = any(r.name in region for r in g.readers(out))
+                if node.op_type in rules.float_output_ops and not region_reads:
+                    continue
+                need(out, f"output of {node.op_type} {name}", name)
+        if rules.quantize_residual_input:
+            self._residual_inputs(region, p, need)
+        for name in [n for n in g.order if n in region and kinds.get(n) == "grid" and n not in p.absorbed]:
+            node = g.by_name[name]
+            src = node.input[0]
+            root = p.derived.get(src, src)
+            if root in p.points:
+                p.derived[node.output[0]] = root
+            else:
+                failed.add(name)
+        if failed:
+            return failed
+        p.integer_nodes = region
+        self.p.integer_nodes, self.p.points, self.p.derived, self.p.absorbed = region, p.points, p.derived, p.absorbed
+        return None
+
+    def _residual_inputs(self, region: Set[str], p: Placement, need) -> None:
+        """TensorRT: an Add reading a region conv's output gets its other input quantized."""
+        g = self.g
+        for node in g.nodes:
+            if node.op_type != "Add" or node.name in self.float_nodes:
+                continue
+            inputs = g.activation_inputs(node)
+            if len(inputs) != 2:
+                continue
+            from_conv = [i for i in inputs if g.producer.get(i) is not None and g.producer[i].name in region]
+            if len(from_conv) == 1:
+                other = inputs[1] if inputs[0] == from_conv[0] else inputs[0]
+                need(other, f"residual input of Add {node.name}", node.name)
+
+    def blocked_reason(self, tensor: str) -> str:
+        return self.blocked_why.get(tensor, "it cannot be quantized")
+
+    # -- requests ------------------------------------------------------------------------------
+    def _apply_requests(self) -> None:
+        p, g = self.p, self.g
+        absorbed_inputs = {g.by_name[a].input[0]: g.by_name[a].output[0] for a in p.absorbed}
+        for req in self.requests:
+            t = req.tensor
+            spec = replace(req.spec, layer=req.layer, kind=req.kind)
+            if t in absorbed_inputs and req.kind == "output":
+                p.moved[t] = absorbed_inputs[t]
+                t = absorbed_inputs[t]
+            if t in self.blocked:
+                continue
+            current = p.points.get(t)
+            source = p.points.get(p.derived[t]) if t in p.derived else None
+            if current is not None:
+                if current.layer is None or current.same_grid(spec):
+                    p.points[t] = replace(spec, why=current.why or spec.why)
+                elif req.kind == "input":
+                    for reader in req.readers:
+                        p.edges[(t, reader)] = spec
+                else:
+                    p.requant[t] = spec
+            elif source is not None:
+                if source.same_grid(spec):
+                    continue
+                if req.kind == "input":
+                    for reader in req.readers:
+                        p.edges[(t, reader)] = spec
+                else:
+                    p.requant[t] = spec
+            else:
+                p.points[t] = spec
+
+    def run(self, blocked_why: Dict[str, str]) -> Placement:
+        self.blocked_why = blocked_why
+        while True:
+            failed = self._place_once()
+            if not failed:
+                break
+            self.float_nodes |= failed
+            self.seed = [n for n in self.seed if n not in failed]
+        self._apply_requests()
+        for name in self.seed:
+            if name not in self.p.integer_nodes:
+                self.p.notes.setdefault(name, "it left the integer region")
+        return self.p
+
+
+def place(g: OnnxGraph, rules: OpRules, int_nodes: Iterable[str], float_nodes: Iterable[str],
+          requests: Iterable[Request] = (), blocked: Optional[Dict[str, str]] = None) -> Placement:
+    """Decide the quantized tensors of ``g`` for ``rules``' backend (see the module docstring).
+
+    ``int_nodes``: weighted nodes whose weights the config quantizes; ``float_nodes``: nodes of
+    layers the config keeps in float; ``requests``: the config's explicit activation
+    quantization; ``blocked``: tensors that cannot be quantized, with the reason.
+    """
+    blocked = dict(blocked or {})
+    return _Policy(g, rules, int_nodes, float_nodes, requests, frozenset(blocked)).run(blocked)
+
+
+def readers_by_layer(g: OnnxGraph, nodes: Iterable[str], tensor: str) -> Tuple[str, ...]:
+    """The nodes among ``nodes`` that read ``tensor``."""
+    names = set(nodes)
+    return tuple(r.name for r in g.readers(tensor) if r.name in names)

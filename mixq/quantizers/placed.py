@@ -1,0 +1,166 @@
+"""Backend placement for quantizers: simulate activations exactly where the backend puts Q/DQ.
+
+A quantizer built with ``backend='onnxruntime'`` (the default) or ``'tensorrt'`` asks the
+backend's placement policy (:mod:`mixq.placement`) which tensors to quantize, on the first
+forward (or on ``dummy_input`` right away), and then observes and fake-quantizes exactly
+those tensors: residual Adds, Concats, SiLU's sigmoid, the output after a fused ReLU...,
+wherever the model computes them (functional calls, in-place ops, a module called several
+times). Layer wrappers keep only the weights. ``backend=None`` keeps the config's literal
+module-boundary quantization (what the reconstruction quantizer uses).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from ..compressor.calibration import PLACEMENT_KEY, TENSORS_KEY, CalibrationConfig, validate_calibration_config
+from ..compressor.config import QUANT_TYPES
+from ..compressor.fake_quant import is_integer_bits
+from ..compressor.observers import NonFiniteTensorError
+from ..compressor.quantizer import Quantizer
+from ..compressor.wrapper import unwrapped_copy
+from ..placement.model_placement import LayerIntent, PointPlan, plan_points
+from ..placement.policy import PointSpec
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("onnxruntime", "tensorrt")
+DEFAULT_BACKEND = "onnxruntime"
+
+
+def resolve_placement_backend(backend: Optional[str]) -> Optional[str]:
+    """``'auto'`` -> the backend ModelSpeedup would pick; None stays None (literal config)."""
+    if backend is None:
+        return None
+    if backend == "auto":
+        from ..speedup.backends import resolve_backend_name
+        return resolve_backend_name("auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, 'auto' or None, got {backend!r}")
+    return backend
+
+
+def _as_inputs(args: Any) -> Tuple[torch.Tensor, ...]:
+    items = args if isinstance(args, (tuple, list)) else (args,)
+    if not items or not all(torch.is_tensor(t) for t in items):
+        raise TypeError("placement needs the model's positional tensor inputs (pass dummy_input=a batch)")
+    return tuple(items)
+
+
+def _layer_of(why: str, plan: PointPlan) -> Optional[str]:
+    """The configured layer whose node a policy point's description names, if any."""
+    node = why.rpartition(" ")[2]
+    return plan.node_layers.get(node)
+
+
+class PlacementMixin:
+    """Mixed into a :class:`~mixq.compressor.quantizer.Quantizer` subclass; call
+    :meth:`_init_placement` at the end of its ``__init__``."""
+
+    point_plan: Optional[PointPlan] = None
+    backend: Optional[str] = None
+
+    def _init_placement(self: Quantizer, backend: Optional[str], dummy_input: Any) -> None:
+        self.backend = resolve_placement_backend(backend)
+        self.point_plan = None
+        self._lazy_handle = None
+        if self.backend is None:
+            return
+        for wrapper in self.modules_wrapper.values():
+            wrapper.simulated_types = [t for t in wrapper.config.quant_types if t == "weight"]
+        if dummy_input is not None:
+            self._place(_as_inputs(dummy_input))
+            return
+
+        def first_forward(module, args, kwargs):
+            self._lazy_handle.remove()
+            self._lazy_handle = None
+            self._place(_as_inputs(args))
+            return self._call_points._root_pre(module, args, kwargs)
+        first_forward._mixq_hook = True
+
+        self._lazy_handle = self.bound_model.register_forward_pre_hook(first_forward, with_kwargs=True)
+
+    def _intents(self: Quantizer) -> Dict[str, LayerIntent]:
+        intents = {}
+        for name, cfg in self.layer_configs.items():
+            acts = {}
+            for qtype in ("input", "output"):
+                if qtype in cfg.quant_types:
+                    acts[qtype] = PointSpec(
+                        bits=cfg.bits[qtype],
+                        scheme=cfg.scheme[qtype] if ("scheme", qtype) in cfg.explicit else None,
+                        dtype=cfg.dtype[qtype] if ("dtype", qtype) in cfg.explicit else None)
+            intents[name] = LayerIntent(name, cfg.bits.get("weight"), acts)
+        return intents
+
+    def _point_context(self, key: str) -> str:
+        spec = self.point_plan.points.get(key) if self.point_plan is not None else None
+        if spec is None:
+            return ""
+        layer = spec.layer or _layer_of(spec.why, self.point_plan)
+        return f" ({spec.why}" + (f", layer {layer!r})" if layer else ")")
+
+    def _place(self: Quantizer, inputs: Sequence[torch.Tensor]) -> None:
+        for i, t in enumerate(inputs):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NonFiniteTensorError(f"input {i} of the model contains NaN or infinity; clean the data "
+                                           "(e.g. torch.nan_to_num) before running it through the quantizer")
+        model = unwrapped_copy(self.bound_model).cpu().float().eval()
+        example = [t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu() for t in inputs]
+        self.point_plan = plan_points(model, example, self._intents(), self.backend, self.excluded)
+        grids = {key: self.point_plan.grid(key) for key in self.point_plan.points}
+        self.install_points(grids)
+        self._on_points_placed()
+
+    def _on_points_placed(self) -> None:
+        """Subclasses create per-point state here (observers...)."""
+
+    def _require_placement(self: Quantizer) -> PointPlan:
+        if self.point_plan is None:
+            raise RuntimeError("no forward pass has run through the model yet, so the backend placement is unknown: "
+                               "run calibration/training forwards (or pass dummy_input=) before exporting")
+        return self.point_plan
+
+    def _point_entry(self: Quantizer, key: str) -> Optional[Dict[str, Any]]:
+        bits, scheme, dtype = self.point_grids[key]
+        lo, hi = self.point_ranges[key]
+        if is_integer_bits(bits) and (math.isnan(float(lo)) or math.isnan(float(hi))):
+            return None
+        return {"bits": bits, "scheme": scheme, "dtype": dtype, "tracked_min": float(lo), "tracked_max": float(hi)}
+
+    def _complete_calibration(self: Quantizer, config: CalibrationConfig) -> CalibrationConfig:
+        """``config`` (per-layer entries) completed with the placed tensors' ranges and the
+        layers' activation ranges taken from the tensors that serve them."""
+        if self.backend is None:
+            return validate_calibration_config(config)
+        plan = self._require_placement()
+        tensors = {}
+        for key in plan.points:
+            entry = self._point_entry(key)
+            if entry is None:
+                raise RuntimeError(f"tensor {key!r} ({plan.points[key].why}) saw no data: run calibration forwards "
+                                   "(training for QAT) through the model before exporting")
+            tensors[key] = entry
+        for name, entry in config.items():
+            for qtype in ("input", "output"):
+                for suffix in ("bits", "scheme", "dtype"):
+                    entry.pop(f"{qtype}_{suffix}", None)
+                entry.pop(f"tracked_min_{qtype}", None)
+                entry.pop(f"tracked_max_{qtype}", None)
+                key = plan.serves.get(name, {}).get(qtype)
+                if key is None or key not in tensors:
+                    continue
+                t = tensors[key]
+                entry.update({f"{qtype}_bits": t["bits"], f"tracked_min_{qtype}": t["tracked_min"],
+                              f"tracked_max_{qtype}": t["tracked_max"], f"{qtype}_scheme": t["scheme"],
+                              f"{qtype}_dtype": t["dtype"]})
+        kept = {n: e for n, e in config.items() if any(f"{q}_bits" in e for q in QUANT_TYPES)}
+        for name in set(config) - set(kept):
+            logger.warning("layer %s: %s", name, plan.notes.get(name, "none of its quantization could be placed"))
+        kept[TENSORS_KEY] = tensors
+        kept[PLACEMENT_KEY] = {"backend": self.backend}
+        return validate_calibration_config(kept)
