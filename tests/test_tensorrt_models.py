@@ -94,6 +94,7 @@ class ModelCase:
     int8: ConfigFn = uniform(8)
     mixed: ConfigFn = generic_mixed
     marks: Tuple = field(default_factory=tuple)
+    slow: Tuple[str, ...] = ()  # precisions that run only under -m slow
 
     def precisions(self) -> Dict[str, Precision]:
         return {"fp32": Precision(), "fp16": Precision(extra_layer_bits=16), "int8": Precision(self.int8),
@@ -123,7 +124,8 @@ def _transformer(module: str, factory: str, shape: Tuple[int, ...]) -> ModelCase
 
 MODELS: Dict[str, ModelCase] = {
     "mnist": ModelCase(MnistNet, (1, 1, 28, 28), lambda m: MNIST_INT8, lambda m: MNIST_MIXED),
-    "resnet18_cifar": ModelCase(resnet18_cifar, (1, 3, 32, 32), lambda m: CIFAR_INT8, lambda m: CIFAR_MIXED),
+    "resnet18_cifar": ModelCase(resnet18_cifar, (1, 3, 32, 32), lambda m: CIFAR_INT8, lambda m: CIFAR_MIXED,
+                                slow=("int8-auto",)),
     "resnet50": _zoo("resnet50"),
     "mobilenet_v2": _zoo("mobilenet_v2"),
     "mobilenet_v3_large": _zoo("mobilenet_v3_large"),
@@ -132,7 +134,8 @@ MODELS: Dict[str, ModelCase] = {
     "googlenet": _zoo("googlenet"),
     "vit": _transformer("mixq.zoo.vit", "vit_tiny", (1, 3, 32, 32)),
 }
-CASES = [pytest.param(model, precision, id=f"{model}-{precision}", marks=case.marks)
+CASES = [pytest.param(model, precision, id=f"{model}-{precision}",
+                      marks=case.marks + ((pytest.mark.slow,) if precision in case.slow else ()))
          for model, case in MODELS.items() for precision in case.precisions()]
 
 
@@ -141,7 +144,7 @@ _TENSORRT_PLACEMENT = ({"backend": "tensorrt"} if "backend" in inspect.signature
                        else {})
 
 
-def _images(shape: Tuple[int, ...], n: int = 16) -> torch.Tensor:
+def _images(shape: Tuple[int, ...], n: int = 4) -> torch.Tensor:
     return torch.randn((n,) + tuple(shape[1:]), generator=torch.Generator().manual_seed(0))
 
 
