@@ -1,13 +1,15 @@
 """TensorRT backend: pure parts on CPU, engine behaviour on an NVIDIA GPU.
 
 CPU tests cover the engine-inspector JSON parsing, the BackendUnavailable messages, the
-network flags / optimization profile arithmetic, the ONNX fixtures (against numpy) and the
-absence of removed TensorRT APIs. Tests marked ``tensorrt`` need the ``tensorrt`` package and
-a CUDA device and skip with the reason otherwise.
+network flags / optimization profile arithmetic, the ONNX fixtures (against numpy, and against
+the TensorRT conformance checker) and the absence of removed TensorRT APIs. Tests marked
+``tensorrt`` need the ``tensorrt`` package and a CUDA device and skip with the reason
+otherwise. The rest of the backend runs on the CPU in test_tensorrt_runtime.py (a stand-in
+``tensorrt`` module), test_tensorrt_rules.py, test_tensorrt_prepare.py, test_tensorrt_models.py
+and test_tensorrt_inspector.py.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mixq.speedup.backends import tensorrt as trt_backend
 from mixq.speedup.backends.base import BackendUnavailable, BuildOptions, EngineFormatError
-from mixq.speedup.backends.tensorrt import (TensorRTBackend, TensorRTBuildError,
+from mixq.speedup.backends.tensorrt import (TensorRTBackend, TensorRTBuildError, TensorRTConformanceError,
                                             precisions_from_inspector_json)
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +265,10 @@ def test_module_imports_without_tensorrt():
 
 
 def test_no_removed_tensorrt_api_in_module():
-    source = inspect.getsource(trt_backend)
+    import pathlib
+    root = pathlib.Path(trt_backend.__file__).parent
+    paths = sorted(root.glob("tensorrt*.py")) + [root.parents[2] / "benchmarks" / "tensorrt_smoke.py"]
+    source = "".join(p.read_text() for p in paths if p.exists())
     # Spelled in pieces so that this test file does not itself contain the names.
     removed = ["max_workspace" + "_size", "execute_async" + "_v2", "STRICT" + "_TYPES",
                "set_dynamic" + "_range", "calib" + "rator", "IInt8" + "Calibrator",
@@ -364,6 +369,11 @@ def _numpy_qdq_conv_relu(x):
 
 def _input(batch):
     return RNG.uniform(-2, 2, size=(batch, 3, 8, 8)).astype(np.float32)
+
+
+def test_fixtures_pass_the_conformance_check():
+    from mixq.speedup.backends.tensorrt_rules import check_tensorrt_graph
+    assert check_tensorrt_graph(_model(False)) == [] and check_tensorrt_graph(_model(True)) == []
 
 
 def test_qdq_fixture_matches_numpy_reference():
@@ -468,12 +478,13 @@ def test_precision_report_and_mixed_outputs(built):
 @pytest.mark.tensorrt
 @requires_tensorrt
 def test_parse_error_names_the_node():
+    """An operator TensorRT lacks is refused by the conformance check before the parser runs."""
     model = _model(False)
     model.graph.node.append(helper.make_node("NoSuchOp", ["y"], ["z"], name="bogus",
                                              domain="mixq.test"))
     model.graph.output[0].name = "z"
     model.opset_import.append(helper.make_opsetid("mixq.test", 1))
-    with pytest.raises(TensorRTBuildError, match="bogus"):
+    with pytest.raises((TensorRTBuildError, TensorRTConformanceError), match="bogus"):
         TensorRTBackend().build(model, OPTIONS)
 
 

@@ -61,13 +61,13 @@ def make_fake_tensorrt(version: str = "10.13.0.35") -> types.ModuleType:
             TensorProto.INT32: DataType.INT32, TensorProto.INT64: DataType.INT64}
 
     class NetworkDefinitionCreationFlag(enum.IntEnum):
-        EXPLICIT_BATCH, STRONGLY_TYPED = range(2)
+        STRONGLY_TYPED = 1  # TensorRT 10 NvInfer.h: kSTRONGLY_TYPED = 1
 
     trt.ILogger, trt.DataType = ILogger, DataType
     trt.NetworkDefinitionCreationFlag = NetworkDefinitionCreationFlag
     trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", "WORKSPACE")
     trt.ProfilingVerbosity = enum.IntEnum("ProfilingVerbosity", "LAYER_NAMES_ONLY NONE DETAILED")
-    trt.BuilderFlag = enum.IntEnum("BuilderFlag", "FP16 INT8 TF32")
+    trt.BuilderFlag = enum.IntEnum("BuilderFlag", {"TF32": 6})
     trt.TensorIOMode = enum.IntEnum("TensorIOMode", "NONE INPUT OUTPUT")
     trt.LayerInformationFormat = enum.IntEnum("LayerInformationFormat", "ONELINE JSON")
 

@@ -63,6 +63,10 @@ class GraphFacts:
                 if isinstance(value, TensorProto):
                     self._constants[n.output[0]] = value
         self.types = self._element_types(model)
+        self._rooted = set(self._constants)
+        for n in self.nodes:  # ONNX nodes are topologically sorted
+            if n.op_type != "Constant" and any(n.input) and all(i in self._rooted for i in n.input if i):
+                self._rooted.update(o for o in n.output if o)
 
     def _element_types(self, model: onnx.ModelProto) -> Dict[str, int]:
         types: Dict[str, int] = {name: t.data_type for name, t in self._constants.items()}
@@ -92,7 +96,10 @@ class GraphFacts:
         return None if root is None else numpy_helper.to_array(self._constants[root])
 
     def is_constant(self, name: str) -> bool:
-        return bool(name) and self.constant_root(name) is not None
+        """A build-time constant: computed from initializers/``Constant`` outputs only (e.g. float
+        weights through their own QuantizeLinear), which TensorRT folds; "rooted at an
+        IConstantLayer" in NvInfer.h's words."""
+        return bool(name) and name in self._rooted
 
     def elem_type(self, name: str) -> Optional[int]:
         return self.types.get(name)
