@@ -58,7 +58,10 @@ def attach_timing_cache(config: Any, path: Optional[Path]) -> Any:
             data = path.read_bytes()
         except OSError as exc:
             logger.warning("cannot read the TensorRT timing cache %s (%s); starting an empty one", path, exc)
-    cache = config.create_timing_cache(data)
+    try:
+        cache = config.create_timing_cache(data)
+    except (RuntimeError, TypeError, ValueError):  # a corrupt file; TensorRT normally returns None
+        cache = None
     if cache is None and data:
         logger.warning("TensorRT rejected the timing cache %s (another version or device?); starting an empty "
                        "one", path)
