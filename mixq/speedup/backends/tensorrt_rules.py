@@ -301,7 +301,7 @@ def calibration_violations(config: Mapping[str, Any]) -> List[Violation]:
 
     found = []
     for layer, entry in config.items():
-        if not isinstance(entry, Mapping):
+        if not isinstance(entry, Mapping) or layer.startswith("@"):  # '@tensors', '@placement': not layers
             continue
         for qtype in ("input", "output"):
             bits = entry.get(f"{qtype}_bits")
@@ -327,8 +327,8 @@ def check_tensorrt_graph(model: onnx.ModelProto, layer_nodes: Optional[Dict[str,
     with it each violation names the config layer(s) the node serves. ``tensorrt_version`` (e.g.
     ``'10.13.0'``) selects that release's opset range and operator list; by default the oldest
     supported release, 10.0, so that a passing graph builds on every TensorRT 10/11. With the
-    calibration ``config``, non-zero activation zero points are reported per config layer and
-    quant type (:func:`calibration_violations`) instead of per Q/DQ node.
+    calibration ``config``, the config layers and quant types whose grids have non-zero zero
+    points come first (:func:`calibration_violations`), before the Q/DQ nodes they produce.
     """
     facts = GraphFacts(model)
     locator = LayerLocator(facts, layer_nodes)
@@ -351,11 +351,7 @@ def check_tensorrt_graph(model: onnx.ModelProto, layer_nodes: Optional[Dict[str,
                 roles = [(layer, "weight") for layer, _ in roles]
             for rule, message, fix in findings:
                 violations.append(Violation(rule, node.name, node.op_type, message, roles, fix, locator.known))
-    by_config = calibration_violations(config) if config else []
-    if by_config:  # the activation zero points are these layers' grids: report them once, per layer
-        violations = [v for v in violations if not (v.rule == "zero-point" and v.layers
-                                                    and all(role != "weight" for _, role in v.layers))]
-    return by_config + violations
+    return (calibration_violations(config) if config else []) + violations
 
 
 def assert_tensorrt_conforms(model: onnx.ModelProto, layer_nodes: Optional[Dict[str, Sequence[str]]] = None,
