@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -107,12 +107,13 @@ class Backend(abc.ABC):
     def version(self) -> str:
         """Version of the runtime library, recorded in saved engines."""
 
-    def prepare(self, model: onnx.ModelProto,
-                layer_nodes: Optional[Mapping[str, Sequence[str]]] = None) -> onnx.ModelProto:
+    def prepare(self, model: onnx.ModelProto, layer_nodes: Optional[Mapping[str, Sequence[str]]] = None,
+                config: Optional[Mapping[str, Any]] = None) -> onnx.ModelProto:
         """The graph this backend would build from ``model``, checked against the backend's rules
-        on the CPU, before any build (``layer_nodes``, the plan's ``{config layer: [node names]}``,
-        lets errors name config layers). Raises ``ValueError`` for a graph the backend cannot
-        build. The default returns ``model`` unchanged; ``build`` must accept either."""
+        on the CPU, before any build. ``layer_nodes`` (the plan's ``{config layer: [node names]}``)
+        and ``config`` (the calibration config) let errors name config layers and keys. Raises
+        ``ValueError`` for a graph the backend cannot build. The default returns ``model``
+        unchanged; ``build`` must accept either."""
         return model
 
     @abc.abstractmethod
