@@ -38,8 +38,10 @@ def _qdq_conv(x_zp, w_codes, w_zp, bias_int32=True, x_scale=0.02):
              _init("wz", w_zp), _init("bq", bias_codes), _init("bs", bias_scale), _init("bz", np.zeros(4, np.int32))]
     nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="x/QuantizeLinear"),
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="x/DequantizeLinear"),
-             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0, name="conv.weight/DequantizeLinear"),
-             helper.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["bd"], axis=0, name="conv.bias/DequantizeLinear"),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0,
+                              name="conv.weight/DequantizeLinear"),
+             helper.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["bd"], axis=0,
+                              name="conv.bias/DequantizeLinear"),
              helper.make_node("Conv", ["xd", "wd", "bd"], ["y"], pads=[1, 1, 1, 1], name="conv")]
     return _model(nodes, inits)
 

@@ -38,7 +38,8 @@ def graph(opset: int = 17, x_zp=np.int8(0), w_zp=None, w_codes=W_CODES, w_scale=
              _init("w_zp", w_zp), _init("bias", bias), *extra_inits]
     nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"], name="x/QuantizeLinear"),
              helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xdq"], name="x/DequantizeLinear"),
-             helper.make_node("DequantizeLinear", ["w_codes", "w_scale", "w_zp"], ["w"], axis=0, name="w/DequantizeLinear"),
+             helper.make_node("DequantizeLinear", ["w_codes", "w_scale", "w_zp"], ["w"], axis=0,
+                              name="w/DequantizeLinear"),
              helper.make_node("Conv", ["xdq", "w", "bias"], ["c"], pads=[1, 1, 1, 1], name="conv"),
              *extra_nodes]
     if not extra_nodes:
@@ -109,7 +110,8 @@ def test_int32_bias_dequantize_is_rejected():
                                name="conv.bias/DequantizeLinear")
     conv = helper.make_node("Conv", ["xdq", "w", "bias_f"], ["c"], pads=[1, 1, 1, 1], name="conv")
     model = graph(extra_nodes=[bias_dq, conv, helper.make_node("Relu", ["c"], ["y"], name="head")],
-                  extra_inits=[_init("b_codes", np.arange(4, dtype=np.int32)), _init("b_scale", np.full(4, 2e-4, np.float32)),
+                  extra_inits=[_init("b_codes", np.arange(4, dtype=np.int32)),
+                               _init("b_scale", np.full(4, 2e-4, np.float32)),
                                _init("b_zp", np.zeros(4, np.int32))])
     del model.graph.node[3]  # the base conv, replaced by the one reading the int32 bias
     v = only(model, "dq-input-type", "conv.bias/DequantizeLinear", ("conv", "weight"))

@@ -29,6 +29,7 @@ from onnx import TensorProto, numpy_helper
 
 from mixq.models import MnistNet
 from mixq.speedup.backends import tensorrt as trt_backend
+from mixq.speedup.backends import tensorrt_loader
 from mixq.speedup.backends.base import BackendUnavailable, BuildOptions, EngineFormatError
 from mixq.speedup.backends.tensorrt import TensorRTBackend, TensorRTBuildError
 from mixq.speedup.backends.tensorrt_rules import TensorRTConformanceError
@@ -288,7 +289,7 @@ def make_fake_tensorrt(version: str = "10.13.0.35") -> types.ModuleType:
 def fake_trt(monkeypatch):
     trt = make_fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(trt_backend, "_TRT_LOGGER", None)
+    monkeypatch.setattr(tensorrt_loader, "_TRT_LOGGER", None)
     return trt
 
 
