@@ -388,12 +388,11 @@ def test_qdq_fixture_matches_numpy_reference():
 # ---------------------------------------------------------------------------------------------
 
 def _gpu_skip_reason():
+    """Why the GPU tests cannot run here (missing or broken tensorrt, no CUDA device), or None."""
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "needs the tensorrt package (pip install mixq[tensorrt])"
-    if not torch.cuda.is_available():
-        return "needs an NVIDIA GPU (torch.cuda.is_available() is False)"
+        TensorRTBackend().check_available()
+    except BackendUnavailable as exc:
+        return str(exc)
     return None
 
 
