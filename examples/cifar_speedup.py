@@ -1,8 +1,8 @@
 """CIFAR-10 ResNet-18 mixed-precision speedup: fp32 vs mixed vs int8, QAT and PTQ, on a real engine.
 
 The standard CIFAR ResNet-18 (3x3 stride-1 stem, no max-pool). Reads the python-pickle
-CIFAR-10 layout (``cifar-10-batches-py``) from --data-dir, using whichever training batches it
-holds; downloads the archive when the folder is missing and a network exists.
+CIFAR-10 layout (``cifar-10-batches-py``) from --data-dir (default: $MIXQ_DATA), using whichever
+training batches it holds; downloads the archive when the folder is missing and a network exists.
 
   python3 examples/cifar_speedup.py --data-dir ../shared/data           # ~15 min on 2 CPU cores (10,000 images)
   python3 examples/cifar_speedup.py --data-dir ../shared/data --quick   # ~2 min, for CI
@@ -53,7 +53,7 @@ def download_cifar(root: str) -> bool:
 
 def load_data(data_dir, no_download):
     if data_dir is None:
-        raise FileNotFoundError("--data-dir is required: a folder holding cifar-10-batches-py "
+        raise FileNotFoundError("--data-dir (or $MIXQ_DATA) is required: a folder holding cifar-10-batches-py "
                                 "(e.g. --data-dir ../shared/data)")
     try:
         return load_cifar10(data_dir)

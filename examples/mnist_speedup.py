@@ -8,8 +8,8 @@ fp32 engine, accuracy, ONNX size and the per-layer precision that actually ran.
   python3 examples/mnist_speedup.py --quick                # ~10 s, for CI
   python3 examples/mnist_speedup.py --data-dir ~/data      # torchvision layout; downloads if missing
 
-Without --data-dir it uses the official MNIST test set vendored in examples/data, split
-8,000 train / 2,000 test.
+Without --data-dir (or $MIXQ_DATA) it uses the official MNIST test set vendored in
+examples/data, split 8,000 train / 2,000 test.
 """
 import sys
 from pathlib import Path

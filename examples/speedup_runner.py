@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -80,7 +81,8 @@ def build_parser(description: str, epochs: int, quick_note: str) -> argparse.Arg
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
                         help="inference backend (auto: TensorRT with an NVIDIA GPU, else ONNX Runtime)")
-    parser.add_argument("--data-dir", default=None, help="a torchvision-style dataset root")
+    parser.add_argument("--data-dir", default=os.environ.get("MIXQ_DATA") or None,
+                        help="a torchvision-style dataset root (default: $MIXQ_DATA)")
     parser.add_argument("--epochs", type=int, default=epochs, help="fp32 training epochs")
     parser.add_argument("--batch-size", type=int, default=128, help="inference batch size for timing")
     parser.add_argument("--quick", action="store_true", help=quick_note)
