@@ -101,7 +101,8 @@ class ConvBnRelu(nn.Module):
 
 
 def _plan(model, config_list, x):
-    q = ObserverQuantizer(model, config_list)
+    """The plan of the config's literal module-boundary quantization (``backend=None``)."""
+    q = ObserverQuantizer(model, config_list, backend=None)
     with torch.no_grad():
         model(x)
     q.compress()

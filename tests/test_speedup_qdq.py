@@ -16,11 +16,12 @@ from mixq.speedup.precision_plan import build_plan
 
 
 def _annotated(config_list, output_max=None):
-    """The MNIST model's annotated graph; ``output_max`` overrides calibrated output ranges' tops."""
+    """The MNIST model's annotated graph from the config's literal module-boundary quantization
+    (``backend=None``); ``output_max`` overrides calibrated output ranges' tops."""
     torch.manual_seed(0)
     model = MnistNet().eval()
     x = torch.randn(64, 1, 28, 28)
-    quantizer = ObserverQuantizer(model, config_list)
+    quantizer = ObserverQuantizer(model, config_list, backend=None)
     with torch.no_grad():
         model(x)
     quantizer.compress()

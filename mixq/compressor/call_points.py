@@ -17,6 +17,7 @@ may replace it (fake quantization) or just look at it (calibration, tracing).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -30,6 +31,7 @@ PointKey = str
 PointCallback = Callable[[PointKey, torch.Tensor], torch.Tensor]
 
 INPUT_PREFIX = "@input"
+_MODULE_KEY = re.compile(r"^(?P<name>[^@]*)@(?P<call>\d+)(?::in(?P<index>\d+))?$")
 
 # Functions and modules whose exported graph holds an intermediate tensor torch never
 # materialises: part name -> how to compute it from the input, and how the whole op is
@@ -58,11 +60,11 @@ def model_input_key(index: int) -> PointKey:
 def key_module(key: PointKey) -> Optional[Tuple[str, int, Optional[int]]]:
     """``(module, call, input index or None)`` when ``key`` addresses a module's output or
     input, else None (function calls, model inputs)."""
-    if key.startswith(INPUT_PREFIX) or "/" in key:
+    match = None if key.startswith(INPUT_PREFIX) or "/" in key else _MODULE_KEY.match(key)
+    if match is None:
         return None
-    head, _, port = key.partition(":")
-    name, _, call = head.rpartition("@")
-    return name, int(call), int(port[2:]) if port else None
+    index = match.group("index")
+    return match.group("name"), int(match.group("call")), None if index is None else int(index)
 
 
 @dataclass
@@ -71,10 +73,15 @@ class _Frame:
     call: int
     atomic: bool
     counters: Dict[str, int] = field(default_factory=dict)
+    saved_input: Optional[torch.Tensor] = None  # a decomposed module's input, kept before it runs
 
     @property
     def scope(self) -> str:
         return module_key(self.name, self.call)
+
+
+def _decomposition_of(module: nn.Module):
+    return next((DECOMPOSITIONS[n] for t, n in _DECOMPOSED_MODULES.items() if isinstance(module, t)), None)
 
 
 def _is_float_tensor(x: Any) -> bool:
@@ -94,7 +101,7 @@ class _Mode(TorchFunctionMode):
             return func(*args, **kwargs)
         name = getattr(func, "__name__", None)
         decomposed = DECOMPOSITIONS.get(name) if name else None
-        if decomposed is not None and args and _is_float_tensor(args[0]) and not kwargs.get("inplace", False):
+        if decomposed is not None and args and _is_float_tensor(args[0]):  # in-place ones run out of place
             index = frame.counters.get(name, 0)
             base = f"{frame.scope}/{name}#{index}"
             if owner.wants_part(f"{base}.{decomposed[0]}") or owner.recording:
@@ -203,6 +210,8 @@ class CallPoints:
         return None
 
     def _pre(self, name: str, module: nn.Module, atomic: bool):
+        decomposed = _decomposition_of(module)
+
         def hook(_module, args, kwargs):
             if not self.frames:
                 return None
@@ -210,6 +219,9 @@ class CallPoints:
             self.calls[name] = call + 1
             frame = _Frame(name, call, atomic)
             self.frames.append(frame)
+            if decomposed is not None and args and _is_float_tensor(args[0]) and (
+                    self.recording or self.wants_part(f"{frame.scope}.{decomposed[0]}")):
+                frame.saved_input = args[0].clone()  # an in-place activation overwrites its input
             if not any(self.wants(input_key(name, call, i)) for i in range(len(args))):
                 return None
             new_args = tuple(self.emit(input_key(name, call, i), a, in_place=False) if _is_float_tensor(a) else a
@@ -218,21 +230,17 @@ class CallPoints:
         return hook
 
     def _post(self, name: str, module: nn.Module):
-        decomposed = next((DECOMPOSITIONS[n] for t, n in _DECOMPOSED_MODULES.items() if isinstance(module, t)), None)
-
         def hook(_module, args, output):
             if len(self.frames) < 2 or self.frames[-1].name != name:
                 return None
             frame = self.frames.pop()
             key = frame.scope
-            if decomposed is not None and args and _is_float_tensor(args[0]):
-                part_key = f"{key}.{decomposed[0]}"
-                if self.wants_part(part_key) or (self.recording and _is_float_tensor(output)):
-                    self.busy += 1
-                    try:
-                        output = self.decomposed(key, decomposed, args[0])
-                    finally:
-                        self.busy -= 1
+            if frame.saved_input is not None:
+                self.busy += 1
+                try:
+                    output = self.decomposed(key, _decomposition_of(module), frame.saved_input)
+                finally:
+                    self.busy -= 1
             if _is_float_tensor(output):
                 return self.emit(key, output, in_place=False)
             if isinstance(output, tuple) and any(_is_float_tensor(o) for o in output):

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..compressor.call_points import PointKey, key_module, trace_points
 from ..speedup.module_map import ModuleCall
-from .matching import _close, match_tensors, onnx_tensor_values
+from .matching import _close, find_tensor, onnx_tensor_values
 from .onnx_graph import OnnxGraph
 
 
@@ -30,13 +30,10 @@ def locate_points(model: onnx.ModelProto, calls: Mapping[str, List[ModuleCall]],
     """Map ``keys`` onto ``model`` (the fp32 export of ``torch_model``) by value on one sample."""
     g = OnnxGraph(model)
     example = [t[:1] for t in example_inputs]
-    wanted = [t for n in g.nodes for t in list(n.input) + list(n.output) if g.is_activation(t)]
+    wanted = list(dict.fromkeys(t for n in g.nodes for t in list(n.input) + list(n.output) if g.is_activation(t)))
     with torch.no_grad():
         values = onnx_tensor_values(model, [t.detach().cpu().float().numpy() for t in example], wanted)
         records = trace_points(torch_model.eval(), example)
-    tensor_of: Dict[PointKey, str] = {}
-    for tensor, key in match_tensors(values, records).items():
-        tensor_of.setdefault(key, tensor)
     found = LocatedPoints()
     for key in keys:
         parts = key_module(key)
@@ -47,10 +44,12 @@ def locate_points(model: onnx.ModelProto, calls: Mapping[str, List[ModuleCall]],
                 found.edges[key] = edges
             else:
                 found.missing.append(key)
-        elif key in tensor_of:
-            found.tensors[key] = tensor_of[key]
         else:
-            found.missing.append(key)
+            tensor = find_tensor(records[key].numpy(), values, wanted) if key in records else None
+            if tensor is None:
+                found.missing.append(key)
+            else:
+                found.tensors[key] = tensor
     return found
 
 

@@ -9,17 +9,37 @@ is what every later reader of the ONNX tensor sees.
 """
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
 import torch
+import torch.nn as nn
 
 from ..compressor.call_points import PointKey, key_module
 
 RTOL = 1e-3
 ATOL = 1e-5
+
+
+def probe_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for matching: BatchNorm statistics and affine parameters replaced by
+    random ones (seeded), so that no BatchNorm computes the identity (fresh or zero-init BNs
+    would make a conv's output equal its BN's) and no tensor equals another by accident."""
+    copy_ = copy.deepcopy(model).eval()
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for m in copy_.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
+    return copy_
 
 
 def onnx_tensor_values(model: onnx.ModelProto, inputs: Sequence[np.ndarray], names: Iterable[str]) -> Dict[str, np.ndarray]:
@@ -72,6 +92,15 @@ def match_tensors(onnx_values: Mapping[str, np.ndarray], torch_values: Mapping[P
                 result[name] = key
                 break
     return result
+
+
+def find_tensor(value: np.ndarray, onnx_values: Mapping[str, np.ndarray], order: Sequence[str]) -> Optional[str]:
+    """The first tensor (in ``order``) of ``onnx_values`` that holds ``value``."""
+    for name in order:
+        candidate = onnx_values.get(name)
+        if candidate is not None and candidate.shape == value.shape and _close(candidate, value):
+            return name
+    return None
 
 
 def match_input(value: np.ndarray, torch_values: Mapping[PointKey, torch.Tensor], module: str,

@@ -20,7 +20,7 @@ from ..compressor.config import WEIGHT_TYPES
 from ..compressor.fake_quant import is_integer_bits
 from ..speedup.module_map import ModuleCall, module_calls
 from ..speedup.onnx_export import DEFAULT_EXPORTER, conv_bn_pairs, export_onnx
-from .matching import match_input, match_tensors, onnx_tensor_values
+from .matching import match_input, match_tensors, onnx_tensor_values, probe_copy
 from .onnx_graph import WEIGHTED_OPS, OnnxGraph
 from .op_rules import OpRules, rules_for
 from .policy import Placement, PointSpec, Request, place, readers_by_layer
@@ -76,7 +76,7 @@ def plan_points(model: nn.Module, example_inputs: Sequence[torch.Tensor], intent
     ``intents`` are the configured layers; ``excluded`` names modules the config keeps in float.
     """
     rules = rules_for(backend)
-    model = model.eval()
+    model = probe_copy(model)
     example = [t[:1] for t in example_inputs]
     pairs = conv_bn_pairs(model, example)
     exported = export_onnx(model, example, pairs, exporter)

@@ -76,7 +76,7 @@ class Placement:
     moved: Dict[str, str] = field(default_factory=dict)               # request tensor -> tensor it moved to
 
 
-def _spatial_mean(g: OnnxGraph, node: onnx.NodeProto) -> bool:
+def spatial_mean(g: OnnxGraph, node: onnx.NodeProto) -> bool:
     """ReduceMean over H and W of a 4-D tensor, keeping dims (what GlobalAveragePool computes)."""
     keep = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
     axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
@@ -120,7 +120,7 @@ class _Policy:
                 return ""
             return "grid" if inputs[0] in from_region else ""
         if rules.is_integer_op(node, self._constant_data_inputs(node)):
-            if node.op_type == "ReduceMean" and not _spatial_mean(g, node):
+            if node.op_type == "ReduceMean" and not spatial_mean(g, node):
                 return ""
             if node.output[0] in self.blocked:
                 return ""

@@ -45,7 +45,8 @@ from .module_map import module_calls
 from .onnx_export import DEFAULT_EXPORTER, conv_bn_pairs, export_onnx
 from .onnx_qdq import annotate
 from ..placement.locate import locate_points
-from .precision_plan import PRECISION_ORDER, PrecisionPlan, build_plan, choose_folds, grid_from_range
+from .precision_plan import PrecisionPlan, build_plan, choose_folds, grid_from_range
+from .precision_report import build_report
 
 logger = logging.getLogger(__name__)
 
@@ -263,12 +264,14 @@ class ModelSpeedup:
         self._backend = get_backend(self.backend_name)
         self._backend.check_available()
         self._engine = self._backend.build(self.annotated_model, self._options())
-        self._report = _precision_report(self.plan, self._engine.node_precisions(), self._backend)
+        self._report = build_report(self.plan, self._engine.node_precisions(), self._backend, exported.model,
+                                    self.annotated_model)
         self._warm_up()
         for row in self._report:
-            if row["actual"] != row["requested"]:
-                logger.info("layer %s: requested %s, runs %s (%s)", row["layer"], row["requested"], row["actual"],
-                            row["reason"])
+            if row["kind"] != "summary" and row["actual"] != row["requested"]:
+                logger.info("%s %s: requested %s, runs %s (%s)", row["kind"], row["layer"], row["requested"],
+                            row["actual"], row["reason"])
+        logger.info("%s", self._report[-1]["reason"])
         return self
 
     # -- running -----------------------------------------------------------------------------
@@ -333,9 +336,12 @@ class ModelSpeedup:
         result = outputs[0] if len(outputs) == 1 else tuple(outputs)
         return result, time.perf_counter() - start
 
-    def precision_report(self) -> List[Dict[str, str]]:
-        """Per configured layer: ``{'layer', 'requested', 'actual', 'reason'}`` ('int8'|'fp16'|'fp32');
-        ``actual`` is read from what the backend built, ``reason`` says why it differs."""
+    def precision_report(self) -> List[Dict[str, Any]]:
+        """What the backend built (:mod:`.precision_report`): a row ``{'kind': 'layer', 'layer',
+        'requested', 'actual', 'reason'}`` per configured layer ('int8'|'fp16'|'fp32'|'unknown',
+        read from the engine; ``reason`` says why it differs), a row ``kind='op'`` per placed
+        operator outside them (residual Add, Concat, pooling...), and a last ``kind='summary'``
+        row whose ``integer_mac_share`` is the share of multiply-accumulates in integer kernels."""
         self._require_engine()
         return [dict(row) for row in self._report]
 
@@ -400,27 +406,6 @@ def _grid(entry: Dict[str, Any]):
 def _default_threads() -> int:
     affinity = getattr(os, "sched_getaffinity", None)
     return len(affinity(0)) if affinity else (os.cpu_count() or 1)
-
-
-def _precision_report(plan: PrecisionPlan, precisions: Dict[str, str], backend: Backend) -> List[Dict[str, str]]:
-    rows = []
-    for layer in plan.layers.values():
-        found = [precisions[n] for n in layer.nodes if n in precisions]
-        actual = max(found, key=PRECISION_ORDER.__getitem__) if found else "fp32"
-        reason = ""
-        if actual != layer.requested:
-            fp16_reason = getattr(backend, "fp16_reason", "")
-            if layer.note:
-                reason = layer.note
-            elif layer.requested == "fp16" and fp16_reason:
-                reason = fp16_reason
-            else:
-                reason = f"{backend.name} did not build it as an {layer.requested} kernel"
-                note = plan.notes.get(layer.nodes[0]) if layer.nodes else None
-                if note:
-                    reason += f" ({note}; quantizing this layer's output lets it fuse)"
-        rows.append({"layer": layer.name, "requested": layer.requested, "actual": actual, "reason": reason})
-    return rows
 
 
 def _atomic_save_onnx(model: onnx.ModelProto, path: str) -> None:

@@ -36,6 +36,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ...placement.onnx_graph import OnnxGraph
+from ...placement.policy import spatial_mean
 from .base import Backend, BackendUnavailable, BuildOptions, Engine
 from .ort_channel_padding import pad_conv_output_channels
 from .ort_space_to_depth import fuse_conv_pool_space_to_depth
@@ -283,8 +285,10 @@ class _Refiner:
         return lo == 0.0 and (hi is None or hi > (254.5 - zp) * scale)
 
     def fp16_to_fp32(self) -> None:
+        """The fp16 regions run in fp32: casts to fp16 become Identity (the casts back to fp32
+        then cast fp32 to itself), fp16 initializers are widened. Other casts are the model's."""
         for node in self.model.graph.node:
-            if node.op_type == "Cast":
+            if node.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT16 for a in node.attribute):
                 node.op_type = "Identity"
                 del node.attribute[:]
         for t in self.model.graph.initializer:
@@ -298,7 +302,18 @@ class _Refiner:
         del graph.initializer[:]
         graph.initializer.extend(keep)
 
+    def mean_to_global_pool(self) -> None:
+        """ReduceMean over H and W of a 4-D tensor, dims kept, becomes GlobalAveragePool (the same
+        mean), which ONNX Runtime runs as an integer kernel between Q/DQ pairs."""
+        graph = OnnxGraph(self.model)
+        for node in self.model.graph.node:
+            if node.op_type == "ReduceMean" and spatial_mean(graph, node):
+                del node.input[1:]
+                del node.attribute[:]
+                node.op_type = "GlobalAveragePool"
+
     def run(self) -> Tuple[onnx.ModelProto, List[str]]:
+        self.mean_to_global_pool()
         self.activations_to_u8()
         self.drop_identity_requantization()
         self.pool_before_relu()
@@ -432,6 +447,7 @@ class OnnxRuntimeEngine(Engine):
         props = {p.key: p.value for p in refined.metadata_props}
         for name in json.loads(props.get(ABSORBED_KEY, "[]")):
             self._precisions[name] = "int8"  # a ReLU folded into the integer kernel before it
+        self.optimized_model = optimized  # the graph ONNX Runtime runs (tests and benchmarks read its kernels)
         self.optimized_op_types = sorted({n.op_type for n in optimized.graph.node})
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

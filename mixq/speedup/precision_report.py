@@ -1,0 +1,105 @@
+"""The precision report: what the backend actually compiled, per layer, per placed op, in total.
+
+Rows (dicts): ``kind`` 'layer' for every configured layer, 'op' for each operator outside the
+configured layers that carries quantization (a residual Add, a Concat, pooling, an activation
+the placement made integer), and one final 'summary' row: the share of the model's
+multiply-accumulates that run in integer kernels. ``actual`` is 'int8', 'fp16' or 'fp32' as read
+from the built engine, or 'unknown' where the backend's state for a node cannot be read: it is
+never guessed.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional
+
+import onnx
+
+from ..placement.onnx_graph import WEIGHTED_OPS, OnnxGraph
+from .precision_plan import PrecisionPlan
+
+ORDER = {"int8": 0, "fp16": 1, "fp32": 2, "unknown": 3}
+_ANNOTATION_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "Constant", "Identity", "Clip"}
+Row = Dict[str, Any]
+
+
+def _layer_reason(layer, actual: str, plan: PrecisionPlan, backend: Any) -> str:
+    if actual == layer.requested:
+        return ""
+    if actual == "unknown":
+        return f"{backend.name} does not say how it built this layer"
+    if layer.note:
+        return layer.note
+    fp16_reason = getattr(backend, "fp16_reason", "")
+    if layer.requested == "fp16" and fp16_reason:
+        return fp16_reason
+    reason = f"{backend.name} did not build it as an {layer.requested} kernel"
+    note = plan.notes.get(layer.nodes[0]) if layer.nodes else None
+    return reason + (f" ({note})" if note else "")
+
+
+def _quantized_ops(annotated: onnx.ModelProto, claimed: set) -> List[onnx.NodeProto]:
+    """Nodes outside the configured layers that read a dequantized activation or feed a Q."""
+    inits = {t.name for t in annotated.graph.initializer}
+    producer = {o: n for n in annotated.graph.node for o in n.output}
+    readers: Dict[str, List[onnx.NodeProto]] = {}
+    for n in annotated.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    found = []
+    for node in annotated.graph.node:
+        if node.op_type in _ANNOTATION_OPS or node.name in claimed:
+            continue
+        reads_dq = any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
+                       and producer[i].input[0] not in inits for i in node.input)
+        feeds_q = any(r.op_type == "QuantizeLinear" for o in node.output for r in readers.get(o, []))
+        if reads_dq and feeds_q:
+            found.append(node)
+    return found
+
+
+def build_report(plan: PrecisionPlan, precisions: Mapping[str, str], backend: Any, fp32_model: onnx.ModelProto,
+                 annotated: onnx.ModelProto) -> List[Row]:
+    """Rows for the configured layers, the placed ops and the integer share of MACs."""
+    rows: List[Row] = []
+    claimed = set()
+    for layer in plan.layers.values():
+        found = [precisions.get(n, "unknown") for n in layer.nodes]
+        actual = max(found, key=ORDER.__getitem__) if found else ("fp32" if layer.note else "unknown")
+        claimed.update(layer.nodes)
+        rows.append({"kind": "layer", "layer": layer.name, "requested": layer.requested, "actual": actual,
+                     "reason": _layer_reason(layer, actual, plan, backend)})
+    for node in _quantized_ops(annotated, claimed):
+        actual = precisions.get(node.name, "unknown")
+        reason = "" if actual == "int8" else (f"{backend.name} runs {node.op_type} in float here" if actual != "unknown"
+                                              else f"{backend.name} does not say how it built this op")
+        rows.append({"kind": "op", "layer": node.name, "op": node.op_type, "requested": "int8", "actual": actual,
+                     "reason": reason})
+    rows.append(mac_summary(OnnxGraph(fp32_model), precisions))
+    return rows
+
+
+def mac_summary(graph: OnnxGraph, precisions: Mapping[str, str]) -> Row:
+    """The summary row: multiply-accumulates per sample in integer kernels, of all."""
+    total = integer = unknown = 0
+    for node in graph.nodes:
+        if node.op_type not in WEIGHTED_OPS:
+            continue
+        macs = graph.macs(node)
+        total += macs
+        state = precisions.get(node.name, "unknown")
+        integer += macs if state == "int8" else 0
+        unknown += macs if state == "unknown" else 0
+    share = integer / total if total else 0.0
+    reason = f"{integer / 1e6:.1f} of {total / 1e6:.1f} M multiply-accumulates per sample run in integer kernels"
+    if unknown:
+        reason += f"; {unknown / 1e6:.1f} M unknown"
+    return {"kind": "summary", "layer": "(all)", "requested": "", "actual": f"{share:.1%} int8", "reason": reason,
+            "integer_mac_share": share, "macs": total}
+
+
+def layer_rows(report: List[Row]) -> List[Row]:
+    """The per-layer rows of a report (older reports have no 'kind': all rows are layers)."""
+    return [r for r in report if r.get("kind", "layer") == "layer"]
+
+
+def summary_row(report: List[Row]) -> Optional[Row]:
+    return next((r for r in report if r.get("kind") == "summary"), None)
