@@ -14,6 +14,7 @@ from mixq.models import MnistNet
 from mixq.quantizers import ObserverQuantizer
 from mixq.speedup import BackendUnavailable, EngineFormatError, ModelSpeedup, ModelSpeedupTensorRT
 from mixq.speedup.backends import get_backend, resolve_backend_name
+from mixq.speedup.precision_report import layer_rows
 
 CONFIG_LIST = [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
                {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU6"]}]
@@ -76,7 +77,7 @@ def test_user_model_is_not_modified(small_mnist):
     engine.compress()
     assert [type(m) for m in model.modules()] == modules
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert {r["actual"] for r in engine.precision_report()} == {"int8"}
+    assert {r["actual"] for r in layer_rows(engine.precision_report())} == {"int8"}
 
 
 def test_several_inputs_and_outputs():
@@ -122,7 +123,7 @@ def test_save_load_round_trip(int8_engine, small_mnist, tmp_path):
     assert loaded.precision_report() == engine.precision_report()
     meta = json.loads(zipfile.ZipFile(path).read("meta.json"))
     assert meta["backend"] == "onnxruntime" and meta["input_shapes"] == [[32, 1, 28, 28]]
-    assert set(meta["layer_nodes"]) == {r["layer"] for r in engine.precision_report()}
+    assert set(meta["layer_nodes"]) == {r["layer"] for r in layer_rows(engine.precision_report())}
     with pytest.raises(ValueError, match="shape"):
         loaded.inference(x[:, :, :20])
 
@@ -177,7 +178,7 @@ def test_bits_only_config_is_calibrated_from_the_loader(small_mnist, tmp_path):
     engine = ModelSpeedup(model, (8, 1, 28, 28), config=config, calib_data_loader=[x[:50], x[50:100]],
                           onnx_path=str(tmp_path / "annotated.onnx"), num_threads=2)
     engine.compress()
-    report = {r["layer"]: r["actual"] for r in engine.precision_report()}
+    report = {r["layer"]: r["actual"] for r in layer_rows(engine.precision_report())}
     assert report == {"conv2": "int8", "relu2": "int8", "fc1": "int8", "relu3": "int8"}
     import onnx
     ops = {n.op_type for n in onnx.load(str(tmp_path / "annotated.onnx")).graph.node}
@@ -191,10 +192,10 @@ def test_calibration_file_and_uniform_precisions(int8_engine, small_mnist, tmp_p
     save_calibration_config(quantizer.calibration_config(), str(path))
     engine = ModelSpeedup(model, (8, 1, 28, 28), config=str(path), num_threads=2)
     engine.compress()
-    assert {r["actual"] for r in engine.precision_report()} == {"int8"}
+    assert {r["actual"] for r in layer_rows(engine.precision_report())} == {"int8"}
     fp16 = ModelSpeedup(model, (8, 1, 28, 28), extra_layer_bits=16, num_threads=2)
     fp16.compress()
-    rows = fp16.precision_report()
+    rows = layer_rows(fp16.precision_report())
     assert {r["layer"] for r in rows} == {"conv1", "conv2", "fc1", "fc2"}
     assert all(r["requested"] == "fp16" and r["actual"] == "fp32" and "fp16" in r["reason"] for r in rows)
     with pytest.raises(ValueError, match="close matches: conv1"):

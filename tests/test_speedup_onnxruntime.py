@@ -12,6 +12,7 @@ from mixq.models import resnet18_cifar
 from mixq.quantizers import ObserverQuantizer, QAT_Quantizer
 from mixq.speedup import ModelSpeedup
 from mixq.speedup.backends.onnxruntime import INTEGER_KERNELS
+from mixq.speedup.precision_report import layer_rows
 
 NNI_MNIST_CONFIG = [
     {"quant_types": ["weight", "input"], "quant_bits": {"weight": 8, "input": 8}, "op_names": ["conv1", "conv2"]},
@@ -61,7 +62,7 @@ def mnist_int8(_trained_mnist, mnist):
 def test_mnist_int8_runs_integer_kernels(mnist_int8):
     engine, config, _, _ = mnist_int8
     assert_weighted_layers_integer(engine, config)
-    assert all(r["actual"] == "int8" and r["reason"] == "" for r in engine.precision_report())
+    assert all(r["actual"] == "int8" and r["reason"] == "" for r in layer_rows(engine.precision_report()))
 
 
 def test_mnist_int8_agrees_with_torch_fake_quant(mnist_int8):
@@ -83,7 +84,7 @@ def test_mnist_fp32_engine_matches_torch(_trained_mnist, mnist):
     with torch.no_grad():
         expected = model.eval()(xte)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-    assert {r["actual"] for r in engine.precision_report()} <= {"fp32"}
+    assert {r["actual"] for r in layer_rows(engine.precision_report())} <= {"fp32"}
 
 
 def test_mixed_precision_is_exactly_the_config(_trained_mnist, mnist):

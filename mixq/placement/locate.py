@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..compressor.call_points import PointKey, key_module, trace_points
 from ..speedup.module_map import ModuleCall
-from .matching import _close, find_tensor, onnx_tensor_values
+from .matching import _close, find_tensor, onnx_tensor_values, probe_copy
 from .onnx_graph import OnnxGraph
 
 
@@ -25,15 +25,29 @@ class LocatedPoints:
     missing: List[PointKey] = field(default_factory=list)
 
 
+def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    return [(n.name, n.op_type, list(n.input), list(n.output)) for n in a.graph.node] == \
+        [(n.name, n.op_type, list(n.input), list(n.output)) for n in b.graph.node]
+
+
 def locate_points(model: onnx.ModelProto, calls: Mapping[str, List[ModuleCall]], torch_model: nn.Module,
-                  example_inputs: Sequence[torch.Tensor], keys: Iterable[PointKey]) -> LocatedPoints:
-    """Map ``keys`` onto ``model`` (the fp32 export of ``torch_model``) by value on one sample."""
+                  example_inputs: Sequence[torch.Tensor], keys: Iterable[PointKey],
+                  export: Callable[[nn.Module], onnx.ModelProto]) -> LocatedPoints:
+    """Map ``keys`` onto ``model`` (the fp32 export of ``torch_model``) by value on one sample.
+
+    Values come from a probe copy of the model (:func:`.matching.probe_copy`, well-conditioned
+    BatchNorms) exported by ``export`` the same way, when that export has the same graph; else
+    from ``model`` itself."""
     g = OnnxGraph(model)
     example = [t[:1] for t in example_inputs]
     wanted = list(dict.fromkeys(t for n in g.nodes for t in list(n.input) + list(n.output) if g.is_activation(t)))
+    probe = probe_copy(torch_model)
+    probe_model = export(probe)
+    if not _same_graph(probe_model, model):
+        probe, probe_model = torch_model.eval(), model
     with torch.no_grad():
-        values = onnx_tensor_values(model, [t.detach().cpu().float().numpy() for t in example], wanted)
-        records = trace_points(torch_model.eval(), example)
+        values = onnx_tensor_values(probe_model, [t.detach().cpu().float().numpy() for t in example], wanted)
+        records = trace_points(probe, example)
     found = LocatedPoints()
     for key in keys:
         parts = key_module(key)

@@ -77,14 +77,14 @@ class Placement:
 
 
 def spatial_mean(g: OnnxGraph, node: onnx.NodeProto) -> bool:
-    """ReduceMean over H and W of a 4-D tensor, keeping dims (what GlobalAveragePool computes)."""
-    keep = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+    """ReduceMean over H and W of a 4-D tensor (what GlobalAveragePool computes, flattened
+    when the dims are not kept)."""
     axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
     if axes is None and len(node.input) > 1 and node.input[1]:
         value = g.constant(node.input[1])
         axes = None if value is None else [int(v) for v in value.reshape(-1)]
     shape = g.shapes.get(node.input[0])
-    if not keep or axes is None or not shape or len(shape) != 4:
+    if axes is None or not shape or len(shape) != 4:
         return False
     return sorted(a % 4 for a in axes) == [2, 3]
 
@@ -104,16 +104,20 @@ class _Policy:
     def _constant_data_inputs(self, node: onnx.NodeProto) -> int:
         return sum(1 for i in node.input[:2] if i and not self.g.is_activation(i))
 
-    def _joins(self, node: onnx.NodeProto, region: Set[str]) -> str:
-        """'op' if ``node`` joins the region as an integer op, 'grid' as a grid-preserving op, else ''."""
+    def _joins(self, node: onnx.NodeProto, region: Set[str], available: Set[str]) -> str:
+        """'op' if ``node`` joins the region as an integer op, 'grid' as a grid-preserving op, else ''.
+
+        ``available``: tensors the region already holds quantized (its nodes' inputs and outputs).
+        An integer op joins when one of its inputs is available, or its output is (it is quantized
+        for its readers anyway, so the op can run on integers before it)."""
         g, rules = self.g, self.rules
         if node.name in region or node.name in self.float_nodes or node.op_type in WEIGHTED_OPS:
             return ""
         inputs = g.activation_inputs(node)
         if not inputs or any(i in self.blocked for i in inputs):
             return ""
-        from_region = [i for i in inputs if g.producer.get(i) is not None and g.producer[i].name in region]
-        if not from_region:
+        from_region = [i for i in inputs if i in available]
+        if not from_region and not (node.op_type not in rules.grid_ops and node.output[0] in available):
             return ""
         if node.op_type in rules.grid_ops:
             if node.op_type == "MaxPool" and len([o for o in node.output if o]) > 1:
@@ -131,14 +135,25 @@ class _Policy:
         kinds = {n: "op" for n in region}
         if not self.rules.integer_ops and not self.rules.grid_ops:
             return kinds
+        available: Set[str] = set()
+        for name in region:
+            node = self.g.by_name[name]
+            available.update(self.g.activation_inputs(node))
+            available.update(o for o in node.output[:1] if node.op_type not in self.rules.float_output_ops)
         changed = True
         while changed:
             changed = False
+            for node in reversed(self.g.nodes):  # a grid op's input can carry its output's grid
+                if node.op_type in self.rules.grid_ops and node.output[0] in available and node.input[0] not in \
+                        available and self.g.is_activation(node.input[0]) and len(self.g.readers(node.input[0])) == 1:
+                    available.add(node.input[0])
             for node in self.g.nodes:
-                kind = self._joins(node, region)
+                kind = self._joins(node, region, available)
                 if kind:
                     region.add(node.name)
                     kinds[node.name] = kind
+                    available.update(self.g.activation_inputs(node))
+                    available.add(node.output[0])
                     changed = True
         return kinds
 

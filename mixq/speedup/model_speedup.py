@@ -226,12 +226,12 @@ class ModelSpeedup:
         resolved[TENSORS_KEY], resolved[PLACEMENT_KEY] = tensors, calibrated[PLACEMENT_KEY]
         return validate_calibration_config(resolved), ([] if self.extra_layer_bits == 8 else extra)
 
-    def _locate_points(self, model: nn.Module, exported, calls, config: CalibrationConfig, example):
+    def _locate_points(self, model: nn.Module, exported, calls, config: CalibrationConfig, example, export):
         """Grids of a placed calibration's tensors, located in this export."""
         tensors = config.get(TENSORS_KEY)
         if tensors is None:
             return None, None
-        located = locate_points(exported.model, calls, model, example, tensors)
+        located = locate_points(exported.model, calls, model, example, tensors, export)
         for key in located.missing:
             logger.warning("calibration tensor %s has no counterpart in this model's graph; it is not quantized "
                            "(calibrate this model again)", key)
@@ -253,7 +253,8 @@ class ModelSpeedup:
         kept = [bn for conv, bn in pairs.items() if conv not in folds]
         exported = export_onnx(model, example, folds, self.exporter, keep=kept)
         calls = module_calls(exported.model, [n for n, _ in model.named_modules()])
-        points, edges = self._locate_points(model, exported, calls, config, example)
+        points, edges = self._locate_points(model, exported, calls, config, example,
+                                            lambda m: export_onnx(m, example, folds, self.exporter, keep=kept).model)
         self.plan = build_plan(exported.model, calls, exported.folded, model, config, extra, self.extra_layer_bits,
                                points=points, point_edges=edges)
         self.annotated_model = annotate(exported.model, self.plan)

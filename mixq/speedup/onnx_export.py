@@ -205,6 +205,34 @@ def _inline_identity_initializers(model: onnx.ModelProto) -> None:
     graph.node.extend(keep)
 
 
+def _drop_value_preserving_nodes(model: onnx.ModelProto) -> None:
+    """Remove Identity nodes and Casts to the type they read (``x.to(x.dtype)``, ``.float()`` of a
+    float): they compute nothing, and a tensor copied by them would be quantized twice or in the
+    wrong place (a Q/DQ pair must sit right before the op that fuses with it)."""
+    graph = model.graph
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in list(onnx.shape_inference.infer_shapes(model).graph.value_info) + list(graph.input)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    outputs = {o.name for o in graph.output}
+    rename: Dict[str, str] = {}
+    keep = []
+    for node in graph.node:
+        same_type = node.op_type == "Cast" and any(a.name == "to" and types.get(node.input[0]) == a.i
+                                                   for a in node.attribute)
+        if (node.op_type == "Identity" or same_type) and node.output[0] not in outputs:
+            rename[node.output[0]] = rename.get(node.input[0], node.input[0])
+            continue
+        keep.append(node)
+    if not rename:
+        return
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
 def _ensure_node_names(model: onnx.ModelProto) -> None:
     """Give every node a unique, non-empty name (later passes key nodes by name)."""
     seen = set()
@@ -239,6 +267,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], fold: 
         else:
             proto = _export_dynamo(clone, inputs, input_names, output_names)
     _inline_identity_initializers(proto)
+    _drop_value_preserving_nodes(proto)
     _ensure_node_names(proto)
     logger.info("exported %s with the %s exporter (%d nodes, %d BatchNorms folded)", type(model).__name__,
                 exporter, len(proto.graph.node), len(folded))

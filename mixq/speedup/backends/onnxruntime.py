@@ -303,14 +303,37 @@ class _Refiner:
         graph.initializer.extend(keep)
 
     def mean_to_global_pool(self) -> None:
-        """ReduceMean over H and W of a 4-D tensor, dims kept, becomes GlobalAveragePool (the same
-        mean), which ONNX Runtime runs as an integer kernel between Q/DQ pairs."""
+        """ReduceMean over H and W of a 4-D tensor becomes GlobalAveragePool (the same mean), which
+        ONNX Runtime runs as an integer kernel between Q/DQ pairs. Without kept dims a Flatten
+        follows; a QuantizeLinear after the mean is repeated between the two (Flatten keeps the
+        grid), so the pool still sits between Q/DQ."""
         graph = OnnxGraph(self.model)
+        nodes = []
         for node in self.model.graph.node:
-            if node.op_type == "ReduceMean" and spatial_mean(graph, node):
-                del node.input[1:]
-                del node.attribute[:]
-                node.op_type = "GlobalAveragePool"
+            nodes.append(node)
+            if node.op_type != "ReduceMean" or not spatial_mean(graph, node):
+                continue
+            keep = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+            del node.input[1:]
+            del node.attribute[:]
+            node.op_type = "GlobalAveragePool"
+            if keep:
+                continue
+            out = node.output[0]
+            readers = graph.readers(out)
+            pooled = f"{out}/pooled"
+            node.output[0] = pooled
+            if len(readers) == 1 and readers[0].op_type == "QuantizeLinear" and out not in self.graph_outputs:
+                params = list(readers[0].input[1:])
+                nodes.append(helper.make_node("QuantizeLinear", [pooled] + params, [f"{pooled}/q"],
+                                              name=f"{node.name}/QuantizeLinear"))
+                nodes.append(helper.make_node("DequantizeLinear", [f"{pooled}/q"] + params, [f"{pooled}/dq"],
+                                              name=f"{node.name}/DequantizeLinear"))
+                pooled = f"{pooled}/dq"
+            nodes.append(helper.make_node("Flatten", [pooled], [out], axis=1, name=f"{node.name}/Flatten"))
+        del self.model.graph.node[:]
+        self.model.graph.node.extend(nodes)
+        self._index()
 
     def run(self) -> Tuple[onnx.ModelProto, List[str]]:
         self.mean_to_global_pool()

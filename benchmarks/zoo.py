@@ -1,0 +1,169 @@
+"""Real architectures, natural configs: mixq's int8 engines against ONNX Runtime's own quantizer.
+
+For every model of :mod:`mixq.zoo` (random weights, BatchNorm statistics re-estimated on real
+images) it builds, on the ONNX Runtime backend:
+
+* the fp32 engine;
+* the **natural config** ``[{'quant_types': ['weight', 'input'], 'quant_bits': 8, 'op_types':
+  ['Conv2d', 'Linear']}]`` through ``ObserverQuantizer`` -> ``ModelSpeedup(config=...)``;
+* the **automatic path** ``ModelSpeedup(config=None, extra_layer_bits=8, calib_data_loader=...)``;
+* ONNX Runtime's ``quantize_static`` (QDQ, per-channel s8 weights, u8 activations, MinMax) on
+  mixq's own fp32 graph with the same calibration batches;
+
+and prints one table: int8 layers as requested, share of multiply-accumulates in integer
+kernels (the report's summary, cross-checked against the kernels of ONNX Runtime's optimized
+graph), latency (each engine in its own process, round-robin, best round), cosine of the logits
+to the fp32 model on held-out images, and top-1 agreement of the engine with the quantizer's
+own PyTorch simulation.
+
+    python3 benchmarks/zoo.py [--models resnet50,mobilenet_v2] [--batch 8] [--size 128] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ort_baseline import (INTEGER_MAC_OPS, TimedEngine, cosine, mac_count, optimized_model,  # noqa: E402
+                          ort_quantize_static, run_onnx, time_round_robin)
+
+from mixq.quantizers import ObserverQuantizer  # noqa: E402
+from mixq.speedup import ModelSpeedup  # noqa: E402
+from mixq.speedup.precision_report import layer_rows, summary_row  # noqa: E402
+from mixq.table import format_table  # noqa: E402
+from mixq.zoo import ZOO, calibration_batches, image_source, reestimate_bn, sample_images  # noqa: E402
+
+NATURAL = [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]}]
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def integer_mac_share(optimized, feeds: np.ndarray) -> float:
+    """Share of multiply-accumulates in integer kernels of the graph ONNX Runtime runs."""
+    macs = mac_count(optimized, feeds=feeds)
+    op_of = {(n.name or n.output[0]): n.op_type for n in optimized.graph.node}
+    total = sum(macs.values())
+    return sum(n for k, n in macs.items() if op_of[k] in INTEGER_MAC_OPS) / total if total else 0.0
+
+
+def _int8_layers(engine: ModelSpeedup) -> str:
+    rows = layer_rows(engine.precision_report())
+    return f"{sum(r['actual'] == r['requested'] == 'int8' for r in rows)}/{len(rows)}"
+
+
+def measure(name: str, args: argparse.Namespace, tmp: str) -> Dict[str, object]:
+    torch.manual_seed(0)
+    model = ZOO[name]().eval()
+    calib = calibration_batches(args.calib_batches, args.batch, args.size)
+    reestimate_bn(model, calib)
+    test = sample_images(args.test_images, args.size, offset=5000)
+    with torch.no_grad():
+        reference = model(test).numpy()
+    shape = (args.batch, 3, args.size, args.size)
+    common = dict(batchsize=args.batch, num_threads=args.threads)
+    start = time.perf_counter()
+
+    wrapped = copy.deepcopy(model)
+    quantizer = ObserverQuantizer(wrapped, NATURAL)
+    with torch.no_grad():
+        for batch in calib:
+            wrapped(batch)
+    quantizer.compress()
+    with torch.no_grad():
+        simulated = wrapped(test).numpy()
+    engines = {
+        "fp32": ModelSpeedup(model, shape, **common).compress(),
+        "natural": ModelSpeedup(model, shape, config=quantizer.calibration_config(), **common).compress(),
+        "auto": ModelSpeedup(model, shape, extra_layer_bits=8, calib_data_loader=calib, **common).compress(),
+    }
+    fp32_graph = engines["fp32"]._engine.serialize()
+    ort_int8 = ort_quantize_static(fp32_graph, [{"input": b.numpy()} for b in calib])
+    build_s = time.perf_counter() - start
+
+    outputs = {k: e.inference(test)[0].numpy() for k, e in engines.items()}
+    outputs["ort"] = np.concatenate([run_onnx(ort_int8, {"input": test[i:i + args.batch].numpy()})[0]
+                                     for i in range(0, len(test), args.batch)])
+    files = {}
+    for key, engine in engines.items():
+        files[key] = TimedEngine("mixq", os.path.join(tmp, f"{name}_{key}.mixq"))
+        engine.export_quantized_model(files[key].path)
+    files["ort"] = ort_int8
+    feeds = sample_images(args.batch, args.size, offset=9000).numpy()
+    latency = time_round_robin(files, feeds, rounds=args.rounds, threads=args.threads)
+    kernel_share = {k: integer_mac_share(engines[k]._engine.optimized_model, feeds) for k in ("natural", "auto")}
+    kernel_share["ort"] = integer_mac_share(optimized_model(ort_int8, args.threads), feeds)
+    result = {"model": name, "build_s": build_s, "latency": {k: v * 1e3 for k, v in latency.items()},
+              "layers": {k: _int8_layers(engines[k]) for k in ("natural", "auto")},
+              "mac_share": {k: summary_row(engines[k].precision_report())["integer_mac_share"]
+                            for k in ("natural", "auto")},
+              "kernel_share": kernel_share,
+              "cosine": {k: cosine(outputs[k], reference) for k in ("natural", "auto", "ort")},
+              "agreement": float((outputs["natural"].argmax(1) == simulated.argmax(1)).mean()),
+              "sim_cosine": cosine(outputs["natural"], simulated)}
+    logging.info("%s done in %.0f s", name, build_s)
+    return result
+
+
+def table(results: List[Dict[str, object]]) -> str:
+    rows = []
+    for r in results:
+        lat, cos, share = r["latency"], r["cosine"], r["mac_share"]
+        rows.append([r["model"], r["layers"]["natural"], r["layers"]["auto"],
+                     f"{share['natural']:.1%} ({r['kernel_share']['natural']:.1%}) / {share['auto']:.1%} "
+                     f"({r['kernel_share']['auto']:.1%}) / {r['kernel_share']['ort']:.1%}",
+                     f"{lat['fp32']:.1f}", f"{lat['natural']:.1f}", f"{lat['auto']:.1f}", f"{lat['ort']:.1f}",
+                     f"{lat['natural'] / lat['ort']:.2f}x / {lat['auto'] / lat['ort']:.2f}x",
+                     f"{lat['fp32'] / lat['natural']:.2f}x",
+                     f"{cos['natural']:.4f} / {cos['auto']:.4f} / {cos['ort']:.4f}",
+                     f"{r['sim_cosine']:.4f}, {r['agreement']:.0%}"])
+    headers = ["model", "int8 natural", "int8 auto", "int MACs report (ORT graph) nat/auto/ORT", "fp32 ms", "natural ms", "auto ms",
+               "ORT ms", "vs ORT nat/auto", "int8 vs fp32", "cos to fp32 nat/auto/ORT", "engine vs sim"]
+    return format_table(headers, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(ZOO), help="comma-separated names from mixq.zoo.ZOO")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calib-batches", type=int, default=4)
+    parser.add_argument("--test-images", type=int, default=64)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("mixq", "ort_baseline"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    print(f"{cpu_name()}, {args.threads} threads, batch {args.batch}, 3x{args.size}x{args.size}, "
+          f"images: {image_source()}; latency = best of {args.rounds} round-robin rounds, each engine in its own process")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mixq-zoo-") as tmp:
+        for name in args.models.split(","):
+            results.append(measure(name, args, tmp))
+            print(table(results[-1:]), flush=True)
+    print("\n" + table(results))
+
+
+if __name__ == "__main__":
+    main()
