@@ -80,20 +80,25 @@ def calibrated(model: nn.Module, config_list: List[dict], images: torch.Tensor) 
     return wrapped, quantizer.calibration_config()
 
 
-def precision_problems(speedup: ModelSpeedup) -> List[str]:
-    """Report rows that disagree with the inspector or with what was requested."""
+def precision_problems(speedup: ModelSpeedup) -> Tuple[List[str], str]:
+    """Report rows that disagree with the inspector or with what was requested, and the report's
+    integer-MAC summary."""
     inspector = speedup._engine.node_precisions()
     order = {"int8": 0, "fp16": 1, "fp32": 2, "unknown": 3}
-    problems = []
+    problems, summary = [], ""
     for row in speedup.precision_report():
-        nodes = speedup._layer_nodes.get(row["layer"], [])
+        kind = row.get("kind", "layer")
+        if kind == "summary":
+            summary = f"{row['actual']} ({row['reason']})"
+            continue
+        nodes = speedup._layer_nodes.get(row["layer"], []) if kind == "layer" else [row["layer"]]
         seen = [inspector.get(n, "unknown") for n in nodes]
         widest = max(seen, key=order.__getitem__) if seen else "unknown"
         if widest != row["actual"]:
             problems.append(f"{row['layer']}: report says {row['actual']}, inspector {widest}")
         if row["requested"] in ("int8", "fp16") and widest != row["requested"]:
             problems.append(f"{row['layer']}: requested {row['requested']}, runs {widest} {row['reason']}".strip())
-    return problems
+    return problems, summary
 
 
 def time_engine(engine, x: torch.Tensor, runs: int) -> float:
@@ -130,12 +135,12 @@ def run_one(name: str, precision: str, batch: int, runs: int) -> Dict[str, objec
     max_diff = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
     agree = float((got.argmax(1) == ref.argmax(1)).mean())
     ms = time_engine(speedup._engine, x.cuda(), runs)
-    problems = precision_problems(speedup)
+    problems, summary = precision_problems(speedup)
     limit = {"fp32": 1e-3, "fp16": 2e-2}.get(precision, 5e-2)
     ok = not problems and max_diff <= limit and agree >= 0.97
     return {"model": name, "precision": precision, "ms": ms, "nni_ms": NNI_MS.get((name, precision)),
             "build_s": build_s, "max_rel_diff": max_diff, "top1_agreement": agree, "precision_problems": problems,
-            "ok": ok}
+            "integer_macs": summary, "ok": ok}
 
 
 def format_rows(rows: List[Dict[str, object]]) -> str:
@@ -174,6 +179,8 @@ def main() -> int:
             print(f"  {name} {precision}: {rows[-1]['ms']:.3f} ms, build {rows[-1]['build_s']:.0f} s", flush=True)
     print(format_rows(rows))
     for r in rows:
+        if r["integer_macs"]:
+            print(f"{r['model']} {r['precision']}: {r['integer_macs']}")
         for problem in r["precision_problems"]:
             print(f"{r['model']} {r['precision']}: {problem}")
     if args.json:
