@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mixq.datasets import load_cifar10, load_mnist, shared_data_dir  # noqa: E402
 from mixq.models import MnistNet, resnet18_cifar, train_epochs  # noqa: E402
+from mixq.speedup.precision_report import layer_rows  # noqa: E402
 
 AFFINE_U8 = {"quant_scheme": "per_tensor_affine", "quant_dtype": "uint"}
 
@@ -179,7 +180,8 @@ def build_engines(name: str, model: torch.nn.Module, shape: List[int], configs, 
         engine = ModelSpeedup(model, tuple(shape), config=config, batchsize=shape[0], onnx_path=onnx_path,
                               num_threads=args.threads)
         engine.compress()
-        not_int8 = [r["layer"] for r in engine.precision_report() if r["requested"] == "int8" and r["actual"] != "int8"]
+        not_int8 = [r["layer"] for r in layer_rows(engine.precision_report())
+                    if r["requested"] == "int8" and r["actual"] != "int8"]
         if not_int8:
             print(f"# {name} {label}: requested int8 but not integer: {not_int8}")
         path = os.path.join(tmp, f"{name}-{label}.engine")

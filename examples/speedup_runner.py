@@ -33,6 +33,7 @@ from mixq.atomic_io import atomic_write
 from mixq.quantizers import ObserverQuantizer, QAT_Quantizer
 from mixq.speedup import BackendUnavailable, ModelSpeedup, get_backend
 from mixq.speedup.backends import resolve_backend_name
+from mixq.speedup.precision_report import layer_rows
 from mixq.table import format_table
 
 Split = Tuple[torch.Tensor, torch.Tensor]
@@ -200,7 +201,7 @@ def run_example(spec: ExampleSpec, args: argparse.Namespace, train_data: Split, 
             engine = _build(spec, args, model, strategy, path, train_data, calib_loader, qat_steps, stem)
             engine.export_quantized_model(f"{stem}.mixq")
             accuracy = engine_accuracy(engine, test_data, args.batch_size)
-            report = engine.precision_report()
+            report = layer_rows(engine.precision_report())
             engines[label] = engine
             rows.append({"strategy": strategy, "path": path, "backend": engine.backend_name,
                          "avg_bits": round(average_bits(model, report), 2), "accuracy": accuracy,

@@ -260,11 +260,15 @@ class ModelSpeedup:
         self.annotated_model = annotate(exported.model, self.plan)
         self._layer_nodes = self.plan.layer_nodes()
         self.input_names, self.output_names = exported.input_names, exported.output_names
+        self._backend = get_backend(self.backend_name)
+        # the backend's own CPU-side rewrites and conformance checks, before any build
+        self.annotated_model = self._backend.prepare(self.annotated_model, self._layer_nodes, config)
         if self.onnx_path:
             _atomic_save_onnx(self.annotated_model, self.onnx_path)
-        self._backend = get_backend(self.backend_name)
         self._backend.check_available()
-        self._engine = self._backend.build(self.annotated_model, self._options())
+        options = self._options()
+        options.extra.update(layer_nodes=self._layer_nodes, calibration=config)
+        self._engine = self._backend.build(self.annotated_model, options)
         self._report = build_report(self.plan, self._engine.node_precisions(), self._backend, exported.model,
                                     self.annotated_model)
         self._warm_up()
