@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any, Dict
 
+import numpy as np
 from schema import And, Or, Schema, SchemaError
 
 from ..atomic_io import atomic_write
-from .fake_quant import DTYPES, SCHEMES, is_integer_bits, is_per_channel
+from ..short_repr import short_repr
+from .config import ALLOWED_BITS, BITS_HELP
+from .fake_quant import DTYPES, SCHEMES, is_integer_bits, is_per_channel, is_symmetric, quant_range
 
 FORMAT_NAME = "mixq-calibration"
 FORMAT_VERSION = 2
@@ -41,19 +45,31 @@ RESERVED_KEYS = (TENSORS_KEY, PLACEMENT_KEY)
 QUANT_TYPES = ("weight", "input", "output")
 
 CalibrationConfig = Dict[str, Dict[str, Any]]
+MAX_FILE_BYTES = 256 * 2 ** 20  # per-channel scales of a 7B-parameter model take ~20 MB
 
-_finite = And(Or(int, float), lambda v: math.isfinite(v), error="must be a finite number")
-_bits = And(int, lambda b: 1 <= b <= 32, error="must be an int in 1..32")
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
+
+
+def _number(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v) and abs(v) <= _F32_MAX
+
+
+_finite = And(_number, error="must be a finite number within the float32 range")
+_bits = And(lambda b: type(b) is int and b in ALLOWED_BITS, error=f"must be {BITS_HELP}")
+_int = And(lambda v: type(v) is int, error="must be an int")
 _scheme = Or(*SCHEMES, error=f"must be one of {list(SCHEMES)}")
 _dtype = Or(*DTYPES, error=f"must be one of {list(DTYPES)}")
 _FIELDS = {
-    "type": Schema(str),
+    "type": And(str, error="must be a module type name"),
     "weight_bits": _bits,
-    "weight_scale": And([_finite], len, lambda v: all(s > 0 for s in v),
-                        error="must be a non-empty list of positive numbers"),
-    "weight_zero_point": And([int], len, error="must be a non-empty list of ints"),
+    "weight_scale": And(list, len, lambda v: all(_number(s) and s >= _F32_TINY for s in v),
+                        error=f"must be a non-empty list of positive float32 numbers ({_F32_TINY:.3g} .. "
+                              f"{_F32_MAX:.3g})"),
+    "weight_zero_point": And(list, len, lambda v: all(type(z) is int for z in v),
+                             error="must be a non-empty list of ints"),
     "weight_scheme": _scheme,
-    "weight_axis": Or(None, int, error="must be an int or null"),
+    "weight_axis": Or(None, And(_int, lambda a: a >= 0), error="must be an int >= 0 or null"),
     "weight_dtype": _dtype,
     "folded_bn": Or(None, str, error="must be a module name or null"),
 }
@@ -62,7 +78,7 @@ for _q in ("input", "output"):
                     f"{_q}_scheme": _scheme, f"{_q}_dtype": _dtype})
 
 
-_TENSOR_FIELDS = Schema({"bits": And(int, lambda b: 1 <= b <= 8, error="must be an int in 1..8"),
+_TENSOR_FIELDS = Schema({"bits": And(lambda b: type(b) is int and is_integer_bits(b), error="must be an int in 1..8"),
                          "scheme": _scheme, "dtype": _dtype, "tracked_min": _finite, "tracked_max": _finite})
 _PLACEMENT_FIELDS = Schema({"backend": Or("onnxruntime", "tensorrt", error="backend must be 'onnxruntime' or 'tensorrt'")})
 
@@ -87,31 +103,59 @@ def validate_calibration_config(config: Any) -> CalibrationConfig:
     _validate_placement(config)
     for name, entry in layer_entries(config).items():
         if not isinstance(name, str) or not isinstance(entry, dict):
-            raise CalibrationError(f"calibration entry {name!r} must map a module name to a dict")
-        for key, value in entry.items():
-            if key not in _FIELDS:
-                raise CalibrationError(f"calibration entry {name!r}: unknown key {key!r}")
-            try:
-                Schema(_FIELDS[key]).validate(value)
-            except SchemaError as exc:
-                raise CalibrationError(f"calibration entry {name!r}: {key} = {value!r} {exc.code}") from None
-        if not any(f"{q}_bits" in entry for q in QUANT_TYPES):
-            raise CalibrationError(f"calibration entry {name!r} has no weight_bits, input_bits or output_bits")
-        for qtype in QUANT_TYPES:
-            missing = [k for k in _required_keys(entry, qtype) if k not in entry]
-            if missing:
-                raise CalibrationError(f"calibration entry {name!r} is missing {', '.join(missing)} "
-                                       f"(required for {entry[qtype + '_bits']}-bit {qtype})")
-            lo, hi = entry.get(f"tracked_min_{qtype}"), entry.get(f"tracked_max_{qtype}")
-            if lo is not None and hi is not None and lo > hi:
-                raise CalibrationError(f"calibration entry {name!r}: tracked_min_{qtype} {lo} > tracked_max_{qtype} {hi}")
-        if "weight_scale" in entry:
-            n_scale, n_zp = len(entry["weight_scale"]), len(entry["weight_zero_point"])
-            if n_scale != n_zp:
-                raise CalibrationError(f"calibration entry {name!r}: {n_scale} weight scales but {n_zp} zero points")
-            if not is_per_channel(entry["weight_scheme"]) and n_scale != 1:
-                raise CalibrationError(f"calibration entry {name!r}: per-tensor weight scheme with {n_scale} scales")
+            raise CalibrationError(f"calibration entry {short_repr(name)} must map a module name to a dict")
+        _validate_entry(short_repr(name), entry)
     return config
+
+
+def _validate_entry(name: str, entry: Dict[str, Any]) -> None:
+    where = f"calibration entry {name}"
+    for key, value in entry.items():
+        if key not in _FIELDS:
+            raise CalibrationError(f"{where}: unknown key {short_repr(key)}")
+        try:
+            Schema(_FIELDS[key]).validate(value)
+        except SchemaError as exc:
+            raise CalibrationError(f"{where}: {key} = {short_repr(value)} {exc.code.splitlines()[0]}") from None
+    if not any(f"{q}_bits" in entry for q in QUANT_TYPES):
+        raise CalibrationError(f"{where} has no weight_bits, input_bits or output_bits")
+    for qtype in QUANT_TYPES:
+        missing = [k for k in _required_keys(entry, qtype) if k not in entry]
+        if missing:
+            raise CalibrationError(f"{where} is missing {', '.join(missing)} "
+                                   f"(required for {entry[qtype + '_bits']}-bit {qtype})")
+        if qtype != "weight":
+            _check_range(where, entry, f"tracked_min_{qtype}", f"tracked_max_{qtype}", entry.get(f"{qtype}_bits"))
+    if "weight_scale" in entry:
+        _check_weight(where, entry)
+
+
+def _check_range(where: str, entry: Dict[str, Any], min_key: str, max_key: str, bits: Any) -> None:
+    """``min <= max``; an integer grid's range must not collapse to [0, 0] (every value would become 0)."""
+    lo, hi = entry.get(min_key), entry.get(max_key)
+    if lo is None or hi is None:
+        return
+    if lo > hi:
+        raise CalibrationError(f"{where}: {min_key} {lo} > {max_key} {hi}")
+    if lo == hi == 0 and is_integer_bits(bits):
+        raise CalibrationError(f"{where}: {min_key} = {max_key} = 0, a zero-width range that quantizes every value "
+                               "to 0; calibrate again on real data that reaches this tensor")
+
+
+def _check_weight(where: str, entry: Dict[str, Any]) -> None:
+    scales, zps, scheme = entry["weight_scale"], entry["weight_zero_point"], entry["weight_scheme"]
+    if len(scales) != len(zps):
+        raise CalibrationError(f"{where}: {len(scales)} weight scales but {len(zps)} zero points")
+    if not is_per_channel(scheme) and len(scales) != 1:
+        raise CalibrationError(f"{where}: per-tensor weight scheme with {len(scales)} scales")
+    if is_per_channel(scheme) and entry.get("weight_axis") is None:
+        raise CalibrationError(f"{where}: {scheme} weights need weight_axis, the output-channel axis of the weight "
+                               "(0; 1 for ConvTranspose)")
+    qmin, qmax = quant_range(entry["weight_bits"], entry["weight_dtype"], is_symmetric(scheme))
+    bad = next((z for z in zps if not qmin <= z <= qmax), None)
+    if bad is not None:
+        raise CalibrationError(f"{where}: weight_zero_point {bad} is outside the {entry['weight_bits']}-bit "
+                               f"{entry['weight_dtype']} grid [{qmin}, {qmax}]")
 
 
 def layer_entries(config: CalibrationConfig) -> CalibrationConfig:
@@ -129,17 +173,18 @@ def _validate_placement(config: Dict[str, Any]) -> None:
     try:
         _PLACEMENT_FIELDS.validate(placement)
     except SchemaError as exc:
-        raise CalibrationError(f"calibration {PLACEMENT_KEY}: {exc.code}") from None
+        raise CalibrationError(f"calibration {PLACEMENT_KEY}: {exc.code.splitlines()[0]}") from None
     if not isinstance(tensors, dict):
         raise CalibrationError(f"calibration {TENSORS_KEY} must map tensor keys to ranges")
     for key, entry in tensors.items():
+        where = f"calibration tensor {short_repr(key)}"
+        if not isinstance(key, str):
+            raise CalibrationError(f"{where}: tensor keys must be strings")
         try:
             _TENSOR_FIELDS.validate(entry)
         except SchemaError as exc:
-            raise CalibrationError(f"calibration tensor {key!r}: {exc.code}") from None
-        if entry["tracked_min"] > entry["tracked_max"]:
-            raise CalibrationError(f"calibration tensor {key!r}: tracked_min {entry['tracked_min']} > "
-                                   f"tracked_max {entry['tracked_max']}")
+            raise CalibrationError(f"{where}: {exc.code.splitlines()[0]}") from None
+        _check_range(where, entry, "tracked_min", "tracked_max", entry["bits"])
 
 
 def save_calibration_config(config: CalibrationConfig, path: str) -> None:
@@ -153,17 +198,22 @@ def save_calibration_config(config: CalibrationConfig, path: str) -> None:
 
 def load_calibration_config(path: str) -> CalibrationConfig:
     """Read and validate a calibration JSON written by :func:`save_calibration_config`."""
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise CalibrationError(f"{path} has {size} bytes, more than a calibration file can have "
+                               f"({MAX_FILE_BYTES} bytes); pass the calibration JSON written by quantizer.export_model")
     try:
         with open(path, "rb") as fh:
             document = json.loads(fh.read().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CalibrationError(f"{path} is not a calibration JSON file ({exc}); "
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise CalibrationError(f"{path} is not a calibration JSON file ({reason}); "
                                "calibration files are written by quantizer.export_model") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
         raise CalibrationError(f"{path} is not a mixq calibration file (missing \"format\": \"{FORMAT_NAME}\")")
     version = document.get("version")
     if type(version) is not int or version not in READABLE_VERSIONS:
-        raise CalibrationError(f"{path} has calibration format version {version!r}; this mixq reads versions "
+        raise CalibrationError(f"{path} has calibration format version {short_repr(version)}; this mixq reads versions "
                                f"{list(READABLE_VERSIONS)}: re-export it with this version's quantizer.export_model")
     layers = document.get("layers")
     if not isinstance(layers, dict) or any(k in RESERVED_KEYS for k in layers):

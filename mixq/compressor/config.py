@@ -14,6 +14,7 @@ import torch.nn as nn
 from schema import And, Or, Schema, SchemaError
 from schema import Optional as Opt
 
+from ..short_repr import short_repr
 from .fake_quant import DTYPES, SCHEMES, is_per_channel, is_symmetric
 
 QUANT_TYPES = ("weight", "input", "output")
@@ -22,6 +23,9 @@ WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
 DEFAULT_SCHEME = {"weight": "per_channel_symmetric", "input": "per_tensor_symmetric",
                   "output": "per_tensor_symmetric"}
 DEFAULT_DTYPE = "int"
+# what an engine can run: integer grids (1..8 bits, in int8 kernels), fp16 and fp32
+ALLOWED_BITS = tuple(range(1, 9)) + (16, 32)
+BITS_HELP = "1..8 (integer), 16 (fp16) or 32 (fp32)"
 logger = logging.getLogger(__name__)
 
 
@@ -33,6 +37,8 @@ class ConfigError(SchemaError):
 
 
 def _close(word: str, candidates: Iterable[str]) -> str:
+    if len(word) > 200:  # no name is that long; comparing it would only cost time
+        return ""
     matches = difflib.get_close_matches(word, sorted(set(candidates)), n=3, cutoff=0.5)
     return f"; close matches: {', '.join(matches)}" if matches else ""
 
@@ -66,10 +72,11 @@ class ConfigListSpec:
         self.extra_keys = dict(extra_keys or {})
         self.quantizer = quantizer
         self.excluded: Set[str] = set()  # after resolve(): modules an exclude entry removed
-        bits = And(int, lambda b: 1 <= b <= 32, error="bit widths must be ints in 1..32")
+        bits = And(int, lambda b: type(b) is int and b in ALLOWED_BITS, error=f"bit widths must be {BITS_HELP}")
         self.keys = {
             "quant_types": And([Or(*QUANT_TYPES)], len, error=f"quant_types must be a non-empty list of {list(QUANT_TYPES)}"),
-            "quant_bits": Or(bits, {Opt(Or(*QUANT_TYPES)): bits}, error="quant_bits must be an int in 1..32 or a dict {{quant_type: int}}"),
+            "quant_bits": Or(bits, {Opt(Or(*QUANT_TYPES)): bits},
+                             error=f"quant_bits must be {BITS_HELP} (what an engine runs), or a dict {{{{type: bits}}}}"),
             "op_types": And([str], len, error="op_types must be a non-empty list of module type names"),
             "op_names": And([str], len, error="op_names must be a non-empty list of module names"),
             "exclude": bool,
@@ -85,12 +92,13 @@ class ConfigListSpec:
             raise ConfigError(f"{where} must be a dict, got {type(entry).__name__}")
         for key in entry:
             if key not in self.keys:
-                raise ConfigError(f"{where}: unknown key {key!r} for {self.quantizer}{_close(str(key), self.keys)}")
+                raise ConfigError(f"{where}: unknown key {short_repr(key)} for {self.quantizer}"
+                                  f"{_close(str(key), self.keys)}")
         for key, value in entry.items():
             try:
                 Schema(self.keys[key]).validate(value)
             except SchemaError as exc:
-                raise ConfigError(f"{where}['{key}'] = {value!r}: {exc.code}") from None
+                raise ConfigError(f"{where}['{key}'] = {short_repr(value)}: {exc.code.splitlines()[0]}") from None
         if "op_types" not in entry and "op_names" not in entry:
             raise ConfigError(f"{where} selects no layer: give 'op_types' and/or 'op_names'")
         if entry.get("exclude"):
@@ -150,11 +158,12 @@ class ConfigListSpec:
         names = [n for n in modules if n]
         for name in entry.get("op_names", []):
             if name not in modules or not name:
-                raise ConfigError(f"{where}['op_names']: {name!r} is not a module of the model{_close(name, names)}")
+                raise ConfigError(f"{where}['op_names']: {short_repr(name)} is not a module of the model"
+                                  f"{_close(name, names)}")
         op_types = entry.get("op_types")
         absent = [t for t in op_types or [] if t != "default" and t not in type_names]
         if op_types and len(absent) == len(op_types):
-            raise ConfigError(f"{where}['op_types']: no module of type {absent[0]!r} in the model"
+            raise ConfigError(f"{where}['op_types']: no module of type {short_repr(absent[0])} in the model"
                               f"{_close(absent[0], type_names | {'default'})}")
         for op_type in absent:
             logger.warning("%s['op_types']: no module of type %r in the model%s", where, op_type,
