@@ -3,23 +3,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 import zipfile
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .compressor.calibration import CalibrationConfig, CalibrationError, load_calibration_config
+from .compressor.calibration import (PLACEMENT_KEY, TENSORS_KEY, CalibrationConfig, CalibrationError, layer_entries,
+                                     load_calibration_config)
 from .compressor.fake_quant import is_integer_bits, qparams_from_range
 from .table import format_table
+
+_UNITS = ((2 ** 40, "TB"), (2 ** 30, "GB"), (2 ** 20, "MB"), (2 ** 10, "KB"))
 
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}"
+
+
+def _size(n: float) -> str:
+    return next((f"{n / unit:.1f} {name}" for unit, name in _UNITS if n >= unit), f"{n:.0f} bytes")
+
+
+def _grid_cell(bits: int, lo: float, hi: float, scheme: str, dtype: str) -> str:
+    scale, zp = qparams_from_range(lo, hi, bits, scheme, dtype)
+    return f"{bits}b [{_fmt(lo)}, {_fmt(hi)}] s={_fmt(float(scale))} zp={int(zp)}"
 
 
 def _activation_cell(entry: dict, qtype: str) -> str:
@@ -28,9 +41,8 @@ def _activation_cell(entry: dict, qtype: str) -> str:
         return "-"
     if not is_integer_bits(bits) or f"tracked_min_{qtype}" not in entry:
         return f"{bits}b"
-    lo, hi = entry[f"tracked_min_{qtype}"], entry[f"tracked_max_{qtype}"]
-    scale, zp = qparams_from_range(lo, hi, bits, entry[f"{qtype}_scheme"], entry[f"{qtype}_dtype"])
-    return f"{bits}b [{_fmt(lo)}, {_fmt(hi)}] s={_fmt(float(scale))} zp={int(zp)}"
+    return _grid_cell(bits, entry[f"tracked_min_{qtype}"], entry[f"tracked_max_{qtype}"], entry[f"{qtype}_scheme"],
+                      entry[f"{qtype}_dtype"])
 
 
 def _weight_cell(entry: dict) -> str:
@@ -46,10 +58,18 @@ def _weight_cell(entry: dict) -> str:
 
 
 def calibration_table(config: CalibrationConfig) -> str:
-    """Per-layer table of a calibration config: bits, scheme, ranges and derived scales."""
+    """Per-layer table of a calibration config (bits, scheme, ranges and derived scales), then
+    the tensors a backend placement quantizes, if any."""
     rows = [[name, entry.get("type", "?"), _weight_cell(entry), _activation_cell(entry, "input"),
-             _activation_cell(entry, "output")] for name, entry in config.items()]
-    return format_table(["layer", "type", "weight", "input", "output"], rows)
+             _activation_cell(entry, "output")] for name, entry in layer_entries(config).items()]
+    table = format_table(["layer", "type", "weight", "input", "output"], rows)
+    tensors = config.get(TENSORS_KEY)
+    if not tensors:
+        return table
+    rows = [[key, _grid_cell(t["bits"], t["tracked_min"], t["tracked_max"], t["scheme"], t["dtype"])]
+            for key, t in tensors.items()]
+    return (table + f"\n\ntensors placed for {config[PLACEMENT_KEY]['backend']}\n"
+            + format_table(["tensor", "range"], rows))
 
 
 def _dynamic_batch(shape: Sequence[int]) -> str:
@@ -61,16 +81,20 @@ def engine_table(path: str) -> str:
     """Header and per-layer table of a saved engine: calibration cells plus requested vs actual precision."""
     from .speedup.engine_file import read_engine_file
     meta, payload = read_engine_file(path)
-    calibration = meta.get("calibration") or {}
-    rows = []
+    layers = layer_entries(meta.get("calibration") or {})
+    rows, summary = [], ""
     for r in meta.get("precision_report", []):
-        entry = calibration.get(r["layer"], {})
+        if r.get("kind") == "summary":
+            summary = f"\n\n{r['actual']}: {r.get('reason', '')}"
+            continue
+        entry = layers.get(r["layer"], {}) if r.get("kind", "layer") == "layer" else {}
         rows.append([r["layer"], _weight_cell(entry), _activation_cell(entry, "input"), _activation_cell(entry, "output"),
                      r["requested"], r["actual"], r.get("reason", "")])
     inputs = ", ".join(f"{name} {_dynamic_batch(shape)}" for name, shape in zip(meta["input_names"], meta["input_shapes"]))
     head = (f"{meta['backend']} {meta['backend_version']} engine {path} ({len(payload) / 1024:.0f} KB), "
             f"inputs {inputs}, outputs {', '.join(meta['output_names'])}")
-    return head + "\n" + format_table(["layer", "weight", "input", "output", "requested", "actual", "reason"], rows)
+    table = format_table(["layer", "weight", "input", "output", "requested", "actual", "reason"], rows)
+    return head + "\n" + table + summary
 
 
 def _inspect(path: str) -> str:
@@ -79,12 +103,34 @@ def _inspect(path: str) -> str:
     return f"calibration config {path}\n" + calibration_table(load_calibration_config(path))
 
 
+def _available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _random_inputs(shapes: Sequence[Sequence[int]], batch_size: int) -> Tuple[torch.Tensor, ...]:
+    """Normal float32 inputs of ``batch_size`` samples; refused when they would not fit in memory."""
+    needed = batch_size * sum(int(np.prod(s[1:], dtype=np.float64)) for s in shapes) * 4
+    available = _available_memory()
+    if needed > available // 2:
+        raise ValueError(f"--batch-size {batch_size} needs {_size(needed)} of input data, and {_size(available)} of "
+                         "memory is available: use a smaller --batch-size")
+    rng = np.random.default_rng(0)
+    return tuple(torch.from_numpy(rng.standard_normal((batch_size,) + tuple(s[1:]), dtype=np.float32))
+                 for s in shapes)
+
+
 def _bench(path: str, batch_size: int, runs: int, warmup: int) -> str:
     from .speedup import ModelSpeedup
     engine = ModelSpeedup.load_quantized_model(path)
-    rng = np.random.default_rng(0)
-    x = tuple(torch.from_numpy(rng.standard_normal((batch_size,) + tuple(s[1:])).astype(np.float32))
-              for s in engine.input_shapes)
+    x = _random_inputs(engine.input_shapes, batch_size)
     x = x[0] if len(x) == 1 else x
     for _ in range(warmup):
         engine.inference(x)
@@ -122,9 +168,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             if args.batch_size < 1 or args.runs < 1:
                 raise ValueError("--batch-size and --runs must be positive")
+            if args.warmup < 0:
+                raise ValueError(f"--warmup must be 0 or more runs, got {args.warmup}")
             print(_bench(args.engine, args.batch_size, args.runs, args.warmup))
+    except MemoryError:
+        print(f"mixq {args.command}: error: out of memory; use a smaller --batch-size", file=sys.stderr)
+        return 2
     except (OSError, ValueError, RuntimeError, CalibrationError, json.JSONDecodeError) as exc:
-        print(f"mixq {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"mixq {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -45,15 +45,18 @@ def saved(tmp_path_factory, mnist):
     return folder, calibration, float_model, calib
 
 
-def _table(out: str) -> dict:
-    """Rows of the per-layer table keyed by layer, cells cut at the header's column starts."""
+def _table(out: str, first: str = "layer") -> dict:
+    """Rows of the table whose header starts with ``first``, keyed by its first column, cells
+    cut at the header's column starts (the table ends at a blank line)."""
     lines = out.splitlines()
-    at = next(i for i, line in enumerate(lines) if line.startswith("layer "))
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"{first} "))
     header = lines[at]
     names = header.split()
     starts = [header.index(f"{n} " if n != names[-1] else n) for n in names]
     rows = {}
     for line in lines[at + 2:]:
+        if not line.strip():
+            break
         cells = [line[s:e].strip() for s, e in zip(starts, starts[1:] + [len(line)])]
         rows[cells[0]] = dict(zip(names, cells))
     return rows
@@ -77,10 +80,16 @@ def test_inspect_calibration(saved, capsys):
     folder, calibration, _, _ = saved
     assert main(["inspect", str(folder / "calibration.json")]) == 0
     out = capsys.readouterr().out
-    for layer in calibration:
-        assert layer in out
-    scale = calibration["conv2"]["tracked_max_input"] / 127
-    assert f"s={scale:.4g}" in out  # the derived input scale is shown
+    layers = _table(out)
+    assert set(layers) == {"conv1", "conv2", "fc1", "fc2", "relu1", "relu2", "relu3"}  # not the '@' entries
+    conv2 = calibration["conv2"]
+    assert (conv2["input_scheme"], conv2["input_dtype"]) == ("per_tensor_affine", "uint")  # u8 after ReLU6 on ORT
+    scale = (conv2["tracked_max_input"] - min(conv2["tracked_min_input"], 0.0)) / 255
+    assert f"s={scale:.4g}" in layers["conv2"]["input"]  # the derived input scale is shown
+    tensors = _table(out, "tensor")
+    assert set(tensors) == set(calibration["@tensors"]) and "tensors placed for onnxruntime" in out
+    for key, t in calibration["@tensors"].items():
+        assert _numbers(tensors[key]["range"])[1:3] == pytest.approx([t["tracked_min"], t["tracked_max"]], rel=1e-3)
 
 
 def test_inspect_engine_shows_every_column(saved, capsys):
@@ -90,13 +99,19 @@ def test_inspect_engine_shows_every_column(saved, capsys):
     assert out.splitlines()[0].endswith("inputs input [N, 1, 28, 28], outputs output")
     assert out.startswith("onnxruntime ")
     rows = _table(out)
-    assert set(rows) == {"conv1", "conv2", "fc1", "fc2", "relu1", "relu2", "relu3"}
+    layers = {"conv1", "conv2", "fc1", "fc2", "relu1", "relu2", "relu3"}
+    assert layers < set(rows)
+    for op in set(rows) - layers:  # placed ops outside the config (pooling, flatten): no calibration cells
+        assert op.startswith("/") and rows[op]["requested"] == "int8"
+        assert rows[op]["weight"] == rows[op]["input"] == rows[op]["output"] == "-"
+    assert re.search(r"^\d+\.\d% int8: .* multiply-accumulates", out, re.M)  # the summary line
     with torch.no_grad():
         relu1 = model.relu1(model.conv1(calib))
         relu2 = model.relu2(model.conv2(model.pool1(relu1)))
         fc1_in = torch.flatten(model.pool2(relu2), 1)
         relu3 = model.relu3(model.fc1(fc1_in))
-    inputs = {"conv1": (calib, True), "conv2": (model.pool1(relu1), False), "fc1": (fc1_in, False)}
+    # ONNX Runtime's placement: u8 (affine) activations after ReLU-like ops; conv1's input by the config
+    inputs = {"conv1": (calib, True), "conv2": (model.pool1(relu1), True), "fc1": (fc1_in, True)}
     outputs = {"relu1": relu1, "relu2": relu2, "relu3": relu3}
     for name in ("conv1", "conv2", "fc1"):
         weight = getattr(model, name).weight.detach().numpy()
@@ -112,7 +127,7 @@ def test_inspect_engine_shows_every_column(saved, capsys):
         assert (rows[name]["requested"], rows[name]["actual"], rows[name]["reason"]) == ("int8", "int8", "")
     assert _activation(calib, True)[3] > 0  # the affine zero point really is exercised
     for name, values in outputs.items():
-        lo, hi, scale, _ = _activation(values, False)
+        lo, hi, scale, _ = _activation(values, True)
         cell = rows[name]["output"]
         assert re.fullmatch(rf"8b \[{NUMBER}, {NUMBER}\] s={NUMBER} zp=0", cell), cell
         np.testing.assert_allclose(_numbers(cell)[1:4], [lo, hi, scale], rtol=1e-3, atol=1e-6)

@@ -12,7 +12,7 @@ from mixq.speedup import EngineFormatError
 from mixq.speedup.engine_file import FORMAT_NAME, FORMAT_VERSION, read_engine_file, write_engine_file
 
 META = {"backend": "onnxruntime", "backend_version": "1.0", "input_names": ["input"], "output_names": ["output"],
-        "input_shapes": [[1, 3, 8, 8]], "calibration": {"conv": {"weight_bits": 8}}}
+        "input_shapes": [[1, 3, 8, 8]], "batchsize": 1, "calibration": {"conv": {"weight_bits": 16}}}
 PAYLOAD = bytes(range(256)) * 4
 
 
@@ -24,7 +24,8 @@ def write_zip(path, members):
 
 
 def meta_json(**changes):
-    document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **META, **changes}
+    document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **META, "payload_size": len(PAYLOAD),
+                **changes}
     return json.dumps({k: v for k, v in document.items() if v is not None})
 
 
@@ -33,7 +34,7 @@ def test_round_trip(tmp_path):
     write_engine_file(path, META, PAYLOAD)
     meta, payload = read_engine_file(path, backend="onnxruntime", backend_version="1.0")
     assert payload == PAYLOAD
-    assert meta == {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **META}
+    assert meta == {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **META, "payload_size": len(PAYLOAD)}
     assert os.listdir(tmp_path / "sub") == ["engine.mixq"]
 
 
@@ -54,8 +55,9 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     ({"meta.json": b"\xff\xfe", "payload.bin": PAYLOAD}, "not a readable mixq engine file"),
     ({"meta.json": "[1, 2]", "payload.bin": PAYLOAD}, 'lacks "format": "mixq-engine"'),
     ({"meta.json": meta_json(format="other"), "payload.bin": PAYLOAD}, 'lacks "format": "mixq-engine"'),
-    ({"meta.json": meta_json(format_version=FORMAT_VERSION + 1), "payload.bin": PAYLOAD}, "engine format version 2"),
+    ({"meta.json": meta_json(format_version=FORMAT_VERSION + 1), "payload.bin": PAYLOAD}, f"engine format version {FORMAT_VERSION + 1}"),
     ({"meta.json": meta_json(input_shapes=None), "payload.bin": PAYLOAD}, "lacks 'input_shapes'"),
+    ({"meta.json": meta_json(batchsize=None), "payload.bin": PAYLOAD}, "lacks 'batchsize'"),
     ({"meta.json": meta_json(backend=None), "payload.bin": PAYLOAD}, "lacks 'backend'"),
 ])
 def test_malformed_containers(tmp_path, members, fragment):
