@@ -138,10 +138,11 @@ class ConfigListSpec:
             raise ConfigError("config_list must be a non-empty list of dicts")
         modules = dict(model.named_modules())
         type_names = {cls.__name__ for m in modules.values() for cls in type(m).__mro__[:-2]}  # not Module, object
+        aliases = module_aliases(model)
         layers: Dict[str, LayerQuantConfig] = {}
         for index, entry in enumerate(config_list):
             self._check_entry(index, entry)
-            matched = self._match(index, entry, modules, type_names)
+            matched = self._match(index, entry, modules, type_names, aliases)
             for name in matched:
                 if entry.get("exclude"):
                     layers.pop(name, None)
@@ -153,10 +154,17 @@ class ConfigListSpec:
             raise ConfigError("config_list selects no layer to quantize (every match was excluded)")
         return layers
 
-    def _match(self, index: int, entry: Dict[str, Any], modules: Dict[str, nn.Module], type_names: set) -> List[str]:
+    def _match(self, index: int, entry: Dict[str, Any], modules: Dict[str, nn.Module], type_names: set,
+               aliases: Dict[str, str]) -> List[str]:
         where = f"config_list[{index}]"
-        names = [n for n in modules if n]
+        names = [n for n in modules if n] + list(aliases)
+        op_names = []
         for name in entry.get("op_names", []):
+            if name in aliases:
+                logger.info("%s['op_names']: %r is another name of module %r, which is configured (and exported) "
+                            "under that name", where, name, aliases[name])
+                name = aliases[name]
+            op_names.append(name)
             if name not in modules or not name:
                 raise ConfigError(f"{where}['op_names']: {short_repr(name)} is not a module of the model"
                                   f"{_close(name, names)}")
@@ -172,13 +180,13 @@ class ConfigListSpec:
         for name, module in modules.items():
             if not name or isinstance(module, _wrapper_types()):
                 continue
-            if "op_names" in entry and name not in entry["op_names"]:
+            if "op_names" in entry and name not in op_names:
                 continue
             if op_types is not None and not _type_matches(module, op_types):
                 continue
             matched.append(name)
         if not matched:
-            raise ConfigError(f"{where} matches no module: op_names {entry.get('op_names')} "
+            raise ConfigError(f"{where} matches no module: op_names {short_repr(entry.get('op_names'))} "
                               f"with op_types {op_types} select nothing in this model")
         return matched
 
@@ -197,6 +205,25 @@ class ConfigListSpec:
             extra={k: entry[k] for k in self.extra_keys if k in entry},
             explicit={(key, t) for key in ("scheme", "dtype") for t in types
                       if _lookup(entry.get(f"quant_{key}"), t) is not None})
+
+
+def module_aliases(model: nn.Module) -> Dict[str, str]:
+    """``{other name: first name}`` of every module registered under several names
+    (``self.alias = self.conv``); the first name is the one ``named_modules()`` gives."""
+    first: Dict[int, str] = {}
+    aliases = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in first and name:
+            aliases[name] = first[id(module)]
+        else:
+            first.setdefault(id(module), name)
+    return aliases
+
+
+def module_names(model: nn.Module, name: str) -> List[str]:
+    """Every name under which the module called ``name`` is registered, ``name`` first."""
+    target = model.get_submodule(name)
+    return [name] + [n for n, m in model.named_modules(remove_duplicate=False) if m is target and n != name]
 
 
 def _lookup(value: Any, qtype: str) -> Any:

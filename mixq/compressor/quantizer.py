@@ -13,7 +13,7 @@ from ..atomic_io import atomic_write
 from .bn_fold import find_conv_bn_pairs
 from .call_points import CallPoints, PointKey
 from .calibration import CalibrationConfig, save_calibration_config, validate_calibration_config
-from .config import ConfigError, ConfigListSpec, LayerQuantConfig
+from .config import ConfigError, ConfigListSpec, LayerQuantConfig, module_names
 from .observers import NonFiniteTensorError
 from .fake_quant import (fake_quantize, is_integer_bits, is_per_channel, is_symmetric, qparams_from_range,
                          quant_range, simulate_float_bits)
@@ -46,6 +46,29 @@ def fake_quant_tensor(x: torch.Tensor, bits: int, scheme: str, dtype: str, min_v
                          axis if is_per_channel(scheme) else None)
 
 
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+
+
+def check_dummy_input(model: nn.Module, dummy_input: Any) -> None:
+    """Run ``model`` once on ``dummy_input`` (eval mode, no grad, every module's mode restored)
+    and raise ValueError naming the problem when it does not fit, before anything is wrapped."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            _call(model, dummy_input)
+    except Exception as exc:  # whatever the model raises on the wrong input
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"dummy_input does not fit the model ({reason[:300]}); pass one batch of the inputs the "
+                         "model's forward takes (a tensor, a tuple or a dict of tensors)") from None
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 class Quantizer:
     """Base class of all quantizers (NNI 2.x style).
 
@@ -65,15 +88,29 @@ class Quantizer:
         spec = self.config_spec()
         self.layer_configs: Dict[str, LayerQuantConfig] = spec.resolve(model, config_list)
         self.excluded = sorted(spec.excluded)
+        if dummy_input is not None:
+            check_dummy_input(model, dummy_input)
         # activation points (placement-aware quantizers): key -> (bits, scheme, dtype) and range
         self.point_grids: Dict[PointKey, Tuple[int, str, str]] = {}
         self.point_ranges: Dict[PointKey, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._call_points: Optional[CallPoints] = None
         self.modules_wrapper: Dict[str, QuantizerModuleWrapper] = {}
         for name, cfg in self.layer_configs.items():
+            names = module_names(model, name)
             wrapper = QuantizerModuleWrapper(model.get_submodule(name), name, cfg, self)
-            set_submodule(model, name, wrapper)
+            for other in names:  # every call site of a module registered twice (self.alias = self.conv)
+                set_submodule(model, other, wrapper)
             self.modules_wrapper[name] = wrapper
+
+    def _restore_model(self) -> None:
+        """Undo the wrapping (and activation hooks): for a constructor that fails after wrapping."""
+        if self._call_points is not None:
+            self._call_points.remove()
+            self._call_points = None
+        for name, wrapper in self.modules_wrapper.items():
+            for other in module_names(self.bound_model, name):
+                set_submodule(self.bound_model, other, wrapper.module)
+        self.modules_wrapper = {}
 
     @classmethod
     def config_spec(cls) -> ConfigListSpec:

@@ -116,8 +116,8 @@ def unwrapped_copy(model: nn.Module) -> nn.Module:
     memo = {id(m.quantizer): m.quantizer for m in model.modules() if isinstance(m, QuantizerModuleWrapper)}
     clone = copy.deepcopy(model, memo)
     strip_hooks(clone)
-    wrappers = [(n, m) for n, m in clone.named_modules() if isinstance(m, QuantizerModuleWrapper)]
-    for name, wrapper in wrappers:
+    wrappers = [(n, m) for n, m in clone.named_modules(remove_duplicate=False) if isinstance(m, QuantizerModuleWrapper)]
+    for name, wrapper in wrappers:  # every name: a module may be registered twice (self.alias = self.conv)
         set_submodule(clone, name, wrapper.module)
     return clone
 

@@ -11,7 +11,7 @@ from ..compressor.config import ConfigError
 from ..compressor.observers import _minmax
 from ..compressor.quantizer import Quantizer
 from ..compressor.wrapper import QuantizerModuleWrapper
-from .placed import DEFAULT_BACKEND, PlacementMixin
+from .placed import DEFAULT_BACKEND, PlacementMixin, resolve_placement_backend
 
 
 class QAT_Quantizer(PlacementMixin, Quantizer):
@@ -34,13 +34,28 @@ class QAT_Quantizer(PlacementMixin, Quantizer):
                  optimizer: Optional[torch.optim.Optimizer] = None, dummy_input: Any = None,
                  fold_bn: Optional[bool] = None, ema_decay: float = 0.99,
                  backend: Optional[str] = DEFAULT_BACKEND) -> None:
+        # everything that can be checked is checked before the model is wrapped (in place)
+        fold_bn = dummy_input is not None if fold_bn is None else fold_bn
+        if fold_bn and dummy_input is None:
+            raise ConfigError("fold_bn=True needs dummy_input (one batch) to find the Conv->BN pairs")
+        if type(ema_decay) not in (int, float) or not 0 <= ema_decay < 1:
+            raise ValueError(f"ema_decay must be a number in [0, 1), got {ema_decay!r}")
+        resolve_placement_backend(backend)
         super().__init__(model, config_list, optimizer, dummy_input)
         self.ema_decay = ema_decay
         self.steps = 0
-        fold_bn = dummy_input is not None if fold_bn is None else fold_bn
+        self._step_handle = None
+        try:
+            self._finish_init(model, optimizer, dummy_input, fold_bn, backend)
+        except BaseException:
+            if self._step_handle is not None:
+                self._step_handle.remove()
+            self._restore_model()
+            raise
+
+    def _finish_init(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], dummy_input: Any,
+                     fold_bn: bool, backend: Optional[str]) -> None:
         if fold_bn:
-            if dummy_input is None:
-                raise ConfigError("fold_bn=True needs dummy_input (one batch) to find the Conv->BN pairs")
             self._attach_batchnorms(dummy_input)
         ref = weakref.ref(self)
         if optimizer is not None:
