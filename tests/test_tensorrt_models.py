@@ -152,7 +152,8 @@ def tensorrt_annotated(model: nn.Module, input_shape: Tuple[int, ...], precision
                        tmp_path) -> Tuple[onnx.ModelProto, Dict[str, List[str]], dict]:
     """The annotated graph ModelSpeedup(backend='tensorrt') hands to the backend, the plan's
     ``{layer: [nodes]}`` and the calibration config. Without tensorrt the build stops at
-    ``check_available``, after the graph is written to ``onnx_path``."""
+    ``check_available`` (a graph TensorRT would refuse, at the backend's CPU check), after the
+    graph is written to ``onnx_path``."""
     images = _images(input_shape)
     config = None
     config_list = precision.config(model) if precision.config else None
@@ -169,7 +170,7 @@ def tensorrt_annotated(model: nn.Module, input_shape: Tuple[int, ...], precision
                            calib_data_loader=[images] if precision.extra_layer_bits == 8 else None)
     try:
         speedup.compress()
-    except BackendUnavailable:
+    except (BackendUnavailable, TensorRTConformanceError):  # the graph is written before either
         pass
     return onnx.load(str(onnx_path)), speedup.plan.layer_nodes(), config or {}
 

@@ -6,6 +6,8 @@ from typing import Any, Dict
 import torch
 import torch.nn as nn
 
+from .model_io import ModelInputs
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -13,7 +15,8 @@ _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def find_conv_bn_pairs(model: nn.Module, dummy_input: Any) -> Dict[str, str]:
     """``{conv_name: bn_name}`` for every BatchNorm whose input is exactly a conv's output.
 
-    Runs one eval-mode forward of ``dummy_input`` (a tensor or a tuple of positional inputs)
+    Runs one eval-mode forward of ``dummy_input`` (a tensor, a tuple of positional inputs or a
+    dict of keyword inputs)
     with hooks that compare tensor identity, so no assumption is made about module order.
     A conv wrapped by a quantizer is reported under the wrapper's name.
     """
@@ -44,7 +47,7 @@ def find_conv_bn_pairs(model: nn.Module, dummy_input: Any) -> Dict[str, str]:
     model.eval()
     try:
         with torch.no_grad():
-            model(*dummy_input) if isinstance(dummy_input, (tuple, list)) else model(dummy_input)
+            ModelInputs.of(dummy_input).call(model)
     finally:
         model.train(was_training)
         for handle in handles:

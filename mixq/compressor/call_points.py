@@ -26,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .model_io import ModelInputs
+
 PointKey = str
 # Called with (key, tensor); returns the tensor to use from then on (the same one to only look).
 PointCallback = Callable[[PointKey, torch.Tensor], torch.Tensor]
@@ -53,8 +55,9 @@ def input_key(name: str, call: int, index: int) -> PointKey:
     return f"{name}@{call}:in{index}"
 
 
-def model_input_key(index: int) -> PointKey:
-    return f"{INPUT_PREFIX}{index}"
+def model_input_key(index) -> PointKey:
+    """Key of the model's positional input ``index`` (an int) or keyword input (a name)."""
+    return f"{INPUT_PREFIX}{index}" if isinstance(index, int) else f"{INPUT_PREFIX}:{index}"
 
 
 def key_module(key: PointKey) -> Optional[Tuple[str, int, Optional[int]]]:
@@ -198,7 +201,9 @@ class CallPoints:
         self._mode.__enter__()
         new_args = tuple(self.emit(model_input_key(i), a, in_place=False) if _is_float_tensor(a) else a
                          for i, a in enumerate(args))
-        return new_args, kwargs
+        new_kwargs = {k: self.emit(model_input_key(k), v, in_place=False) if _is_float_tensor(v) else v
+                      for k, v in kwargs.items()}
+        return new_args, new_kwargs
 
     def _root_post(self, _module, _args, output):
         if len(self.frames) != 1:
@@ -268,9 +273,10 @@ def strip_hooks(model: nn.Module) -> None:
                     module._forward_hooks_always_called.pop(hook_id, None)
 
 
-def trace_points(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Dict[PointKey, torch.Tensor]:
-    """Every addressable float tensor of one eval-mode forward of ``model`` on ``inputs``, by key,
-    in execution order (copies: later in-place ops do not change them)."""
+def trace_points(model: nn.Module, inputs: Any) -> Dict[PointKey, torch.Tensor]:
+    """Every addressable float tensor of one eval-mode forward of ``model`` on ``inputs`` (see
+    :class:`~.model_io.ModelInputs`), by key, in execution order (copies: later in-place ops do
+    not change them)."""
     records: Dict[PointKey, torch.Tensor] = {}
 
     def record(key: PointKey, tensor: torch.Tensor) -> torch.Tensor:
@@ -282,7 +288,7 @@ def trace_points(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Dict[Point
     model.eval()
     try:
         with torch.no_grad():
-            model(*inputs)
+            ModelInputs.of(inputs).call(model)
     finally:
         model.train(was_training)
         points.remove()

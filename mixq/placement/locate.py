@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Tuple
 
 import numpy as np
 import onnx
@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 
 from ..compressor.call_points import PointKey, key_module, trace_points
+from ..compressor.model_io import ModelInputs
 from ..speedup.module_map import ModuleCall
-from .matching import _close, find_tensor, onnx_tensor_values, probe_copy
+from .matching import _close, find_tensor, onnx_tensor_values, probe_copy, probe_inputs
 from .onnx_graph import OnnxGraph
 
 
@@ -31,7 +32,7 @@ def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
 
 
 def locate_points(model: onnx.ModelProto, calls: Mapping[str, List[ModuleCall]], torch_model: nn.Module,
-                  example_inputs: Sequence[torch.Tensor], keys: Iterable[PointKey],
+                  example_inputs: Any, keys: Iterable[PointKey],
                   export: Callable[[nn.Module], onnx.ModelProto]) -> LocatedPoints:
     """Map ``keys`` onto ``model`` (the fp32 export of ``torch_model``) by value on one sample.
 
@@ -39,14 +40,14 @@ def locate_points(model: onnx.ModelProto, calls: Mapping[str, List[ModuleCall]],
     BatchNorms) exported by ``export`` the same way, when that export has the same graph; else
     from ``model`` itself."""
     g = OnnxGraph(model)
-    example = [t[:1] for t in example_inputs]
+    example = probe_inputs(ModelInputs.of(example_inputs, torch_model).first(1))
     wanted = list(dict.fromkeys(t for n in g.nodes for t in list(n.input) + list(n.output) if g.is_activation(t)))
     probe = probe_copy(torch_model)
     probe_model = export(probe)
     if not _same_graph(probe_model, model):
         probe, probe_model = torch_model.eval(), model
     with torch.no_grad():
-        values = onnx_tensor_values(probe_model, [t.detach().cpu().float().numpy() for t in example], wanted)
+        values = onnx_tensor_values(probe_model, example, wanted)
         records = trace_points(probe, example)
     found = LocatedPoints()
     for key in keys:

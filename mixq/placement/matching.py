@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..compressor.call_points import PointKey, key_module
+from ..compressor.model_io import ModelInputs
 
 RTOL = 1e-3
 ATOL = 1e-5
@@ -42,7 +43,22 @@ def probe_copy(model: nn.Module) -> nn.Module:
     return copy_
 
 
-def onnx_tensor_values(model: onnx.ModelProto, inputs: Sequence[np.ndarray], names: Iterable[str]) -> Dict[str, np.ndarray]:
+def probe_inputs(example: ModelInputs) -> ModelInputs:
+    """``example`` with integer inputs redrawn uniformly within their own range (seeded): a mask
+    of ones or repeated token ids would make tensors equal by accident (``emb * mask == emb``)."""
+    gen = torch.Generator().manual_seed(4321)
+
+    def redraw(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() or t.dtype == torch.bool or t.numel() == 0:
+            return t
+        lo, hi = int(t.min()), int(t.max())
+        lo = min(lo, 0) if lo == hi else lo  # a constant (a mask of ones) varies between 0 and it
+        return t if lo == hi else torch.randint(lo, hi + 1, t.shape, generator=gen, dtype=t.dtype)
+
+    return example.map(redraw)
+
+
+def onnx_tensor_values(model: onnx.ModelProto, inputs: ModelInputs, names: Iterable[str]) -> Dict[str, np.ndarray]:
     """Values of the float tensors ``names`` of ``model`` on ``inputs`` (ONNX Runtime, no graph
     optimization, so every tensor exists as written)."""
     import onnxruntime as ort
@@ -60,7 +76,8 @@ def onnx_tensor_values(model: onnx.ModelProto, inputs: Sequence[np.ndarray], nam
     so.intra_op_num_threads = 1
     so.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    feed = {i.name: a for i, a in zip(session.get_inputs(), inputs)}
+    arrays = dict(zip(inputs.names(), (t.detach().cpu().numpy() for t in inputs.tensors())))
+    feed = {i.name: arrays[i.name] for i in session.get_inputs()}
     out_names = [o.name for o in session.get_outputs()]
     values = dict(zip(out_names, session.run(out_names, feed)))
     values.update(feed)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,9 +18,10 @@ import torch.nn as nn
 from ..compressor.call_points import PointKey, trace_points
 from ..compressor.config import WEIGHT_TYPES
 from ..compressor.fake_quant import is_integer_bits
+from ..compressor.model_io import ModelInputs
 from ..speedup.module_map import ModuleCall, module_calls
 from ..speedup.onnx_export import DEFAULT_EXPORTER, conv_bn_pairs, export_onnx
-from .matching import match_input, match_tensors, onnx_tensor_values, probe_copy
+from .matching import match_input, match_tensors, onnx_tensor_values, probe_copy, probe_inputs
 from .onnx_graph import WEIGHTED_OPS, OnnxGraph
 from .op_rules import OpRules, rules_for
 from .policy import Placement, PointSpec, Request, place, readers_by_layer
@@ -69,15 +70,17 @@ def _module_tree_nodes(calls: Mapping[str, List[ModuleCall]], name: str) -> Set[
     return {n for module, cs in calls.items() if module == name or module.startswith(prefix) for c in cs for n in c.nodes}
 
 
-def plan_points(model: nn.Module, example_inputs: Sequence[torch.Tensor], intents: Mapping[str, LayerIntent],
+def plan_points(model: nn.Module, example_inputs: Any, intents: Mapping[str, LayerIntent],
                 backend: str, excluded: Sequence[str] = (), exporter: str = DEFAULT_EXPORTER) -> PointPlan:
     """Place quantization for ``model`` (float, unwrapped) on ``backend``; see the module docstring.
 
-    ``intents`` are the configured layers; ``excluded`` names modules the config keeps in float.
+    ``example_inputs``: one call's inputs (:class:`~mixq.compressor.model_io.ModelInputs` or
+    what it takes); ``intents`` are the configured layers; ``excluded`` names modules the config
+    keeps in float.
     """
     rules = rules_for(backend)
     model = probe_copy(model)
-    example = [t[:1] for t in example_inputs]
+    example = probe_inputs(ModelInputs.of(example_inputs, model).first(1))
     pairs = conv_bn_pairs(model, example)
     exported = export_onnx(model, example, pairs, exporter)
     names = [n for n, _ in model.named_modules()]
@@ -119,7 +122,7 @@ def plan_points(model: nn.Module, example_inputs: Sequence[torch.Tensor], intent
 
     wanted = [t for n in g.nodes for t in list(n.input) + list(n.output) if g.is_activation(t)]
     with torch.no_grad():
-        onnx_values = onnx_tensor_values(exported.model, [t.detach().cpu().float().numpy() for t in example], wanted)
+        onnx_values = onnx_tensor_values(exported.model, example, wanted)
         records = trace_points(model, example)
     keys = match_tensors(onnx_values, records)
     blocked = {t: "no torch tensor holds it (it only exists inside an exported op)"

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 
 from ..compressor.calibration import PLACEMENT_KEY, TENSORS_KEY, CalibrationConfig, validate_calibration_config
 from ..compressor.config import QUANT_TYPES
 from ..compressor.fake_quant import is_integer_bits
+from ..compressor.model_io import ModelInputs
 from ..compressor.observers import NonFiniteTensorError
 from ..compressor.quantizer import Quantizer
 from ..compressor.wrapper import unwrapped_copy
@@ -43,11 +44,15 @@ def resolve_placement_backend(backend: Optional[str]) -> Optional[str]:
     return backend
 
 
-def _as_inputs(args: Any) -> Tuple[torch.Tensor, ...]:
-    items = args if isinstance(args, (tuple, list)) else (args,)
-    if not items or not all(torch.is_tensor(t) for t in items):
-        raise TypeError("placement needs the model's positional tensor inputs (pass dummy_input=a batch)")
-    return tuple(items)
+def _as_inputs(args: Any, kwargs: Optional[Dict[str, Any]] = None) -> ModelInputs:
+    """The tensors of one model call; other arguments are not supported by placement."""
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    kwargs = {k: v for k, v in (kwargs or {}).items() if v is not None}
+    if not all(torch.is_tensor(t) for t in args) or not all(torch.is_tensor(v) for v in kwargs.values()) \
+            or not (args or kwargs):
+        raise TypeError("placement needs the model's inputs as tensors (positional or keyword): pass dummy_input= "
+                        "a batch (a tensor, a tuple or a dict of tensors)")
+    return ModelInputs(args, kwargs)
 
 
 def _layer_of(why: str, plan: PointPlan) -> Optional[str]:
@@ -72,13 +77,13 @@ class PlacementMixin:
         for wrapper in self.modules_wrapper.values():
             wrapper.simulated_types = [t for t in wrapper.config.quant_types if t == "weight"]
         if dummy_input is not None:
-            self._place(_as_inputs(dummy_input))
+            self._place(ModelInputs.of(dummy_input, self.bound_model))
             return
 
         def first_forward(module, args, kwargs):
             self._lazy_handle.remove()
             self._lazy_handle = None
-            self._place(_as_inputs(args))
+            self._place(_as_inputs(args, kwargs))
             return self._call_points._root_pre(module, args, kwargs)
         first_forward._mixq_hook = True
 
@@ -104,13 +109,14 @@ class PlacementMixin:
         layer = spec.layer or _layer_of(spec.why, self.point_plan)
         return f" ({spec.why}" + (f", layer {layer!r})" if layer else ")")
 
-    def _place(self: Quantizer, inputs: Sequence[torch.Tensor]) -> None:
-        for i, t in enumerate(inputs):
+    def _place(self: Quantizer, inputs: ModelInputs) -> None:
+        for name, t in zip(inputs.names(), inputs.tensors()):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise NonFiniteTensorError(f"input {i} of the model contains NaN or infinity; clean the data "
+                where = f"input {name[6:] or 0}" if name.startswith("input") else f"input {name!r}"
+                raise NonFiniteTensorError(f"{where} of the model contains NaN or infinity; clean the data "
                                            "(e.g. torch.nan_to_num) before running it through the quantizer")
         model = unwrapped_copy(self.bound_model).cpu().float().eval()
-        example = [t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu() for t in inputs]
+        example = inputs.map(lambda t: t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu())
         self.point_plan = plan_points(model, example, self._intents(), self.backend, self.excluded)
         grids = {key: self.point_plan.grid(key) for key in self.point_plan.points}
         self.install_points(grids)

@@ -3,20 +3,22 @@
     engine = ModelSpeedup(model, (32, 1, 28, 28), config=calibration_config)
     engine.compress()
     output, latency_s = engine.inference(images)
-    engine.precision_report()   # [{'layer': 'conv1', 'requested': 'int8', 'actual': 'int8', 'reason': ''}, ...]
+    engine.precision_report()   # [{'kind': 'layer', 'layer': 'conv1', 'requested': 'int8', 'actual': 'int8', ...}, ...]
 
-``input_shape`` includes the batch dimension (NNI convention) and may be a list of shapes for
-a model with several inputs; the batch axis is dynamic, and ``inference`` accepts any batch
-size, running chunks of at most ``batchsize``. The user's model is never modified (a wrapped
-model is unwrapped on a copy).
+The model's inputs are given either as ``input_shape`` (float32 inputs; the batch dimension
+included, NNI convention; a list of shapes for several inputs) or as ``dummy_input`` (an
+example batch: a tensor, a tuple of tensors, or a dict of keyword tensors, of any dtype: token
+ids and attention masks stay integers). The batch axis is dynamic and ``inference`` accepts
+any batch size in the same structure, running chunks of at most ``batchsize``; it returns the
+model's own output structure (a tensor, a tuple, a dict or a ``ModelOutput``). The user's model
+is never modified (a wrapped model is unwrapped on a copy).
 
 ``config`` is a calibration config (dict or JSON path from ``quantizer.export_model``). Entries
 that give only bit widths (no ranges) are calibrated from ``calib_data_loader`` with the
-:class:`~mixq.quantizers.ObserverQuantizer`. ``extra_layer_bits`` sets the precision of
-Conv/Linear layers the config does not mention: 32 (fp32, default), 16 (fp16) or 8 (int8,
-calibrated from ``calib_data_loader``: weights and inputs of those layers plus the outputs of
-activations and of layers not followed by one; activations are affine uint8 for ONNX Runtime,
-as its own quantizer does, and symmetric int8 for TensorRT, which requires it).
+:class:`~mixq.quantizers.ObserverQuantizer` under the backend's placement. ``extra_layer_bits``
+sets the precision of Conv/Linear layers the config does not mention: 32 (fp32, default), 16
+(fp16) or 8 (int8, calibrated from ``calib_data_loader``: the backend's placement decides which
+activations are quantized).
 """
 from __future__ import annotations
 
@@ -37,10 +39,14 @@ from ..compressor.calibration import (PLACEMENT_KEY, TENSORS_KEY, CalibrationCon
                                      load_calibration_config, validate_calibration_config)
 from ..compressor.config import WEIGHT_TYPES
 from ..compressor.fake_quant import is_integer_bits
-from ..compressor.wrapper import QuantizerModuleWrapper, unwrapped_copy
+from ..compressor.model_io import ModelInputs
+from ..compressor.wrapper import unwrapped_copy
 from .backends import get_backend, resolve_backend_name
 from .backends.base import Backend, BuildOptions, Engine, EngineFormatError
 from .engine_file import read_engine_file, write_engine_file
+from .engine_load import load_engine
+from .threads import resolve_threads
+from .engine_io import EngineIO
 from .module_map import module_calls
 from .onnx_export import DEFAULT_EXPORTER, conv_bn_pairs, export_onnx
 from .onnx_qdq import annotate
@@ -90,18 +96,18 @@ def _config_list_entry(name: str, entry: Dict[str, Any]) -> Dict[str, Any]:
     return item
 
 
-def _as_inputs(batch: Any) -> Tuple[torch.Tensor, ...]:
-    """Model inputs of one calibration batch: a tensor, or the first item of (inputs, labels)."""
-    if torch.is_tensor(batch):
-        return (batch,)
-    if isinstance(batch, (tuple, list)) and batch:
-        first = batch[0]
-        if torch.is_tensor(first):
-            return (first,)
-        if isinstance(first, (tuple, list)) and all(torch.is_tensor(t) for t in first):
-            return tuple(first)
-    raise TypeError("calib_data_loader must yield tensors or (inputs, labels) pairs; got "
-                    f"{type(batch).__name__}")
+def _as_inputs(batch: Any) -> ModelInputs:
+    """Model inputs of one calibration batch: a tensor, a tuple of tensors, a dict of keyword
+    tensors, or the first item of (inputs, labels)."""
+    for candidate in (batch, batch[0] if isinstance(batch, (tuple, list)) and batch else None):
+        if candidate is None:
+            continue
+        try:
+            return ModelInputs.of(candidate)
+        except TypeError:
+            continue
+    raise TypeError("calib_data_loader must yield tensors, tuples or dicts of tensors, or (inputs, labels) pairs; "
+                    f"got {type(batch).__name__}")
 
 
 class ModelSpeedup:
@@ -109,7 +115,9 @@ class ModelSpeedup:
 
     Args:
         model: the float model, or one wrapped by a quantizer (it is copied, never modified).
-        input_shape: shape with the batch dimension, or a list of shapes for several inputs.
+        input_shape: shape with the batch dimension, or a list of shapes for several float32 inputs.
+        dummy_input: instead of ``input_shape``, an example batch (tensor, tuple or dict of tensors
+            of any dtype); ``inference`` then takes the same structure.
         config: calibration config (dict or JSON path); None quantizes nothing but extra layers.
         backend: 'onnxruntime' (default), 'tensorrt' or 'auto'.
         batchsize: largest batch one engine run takes (default: ``input_shape[0]``); bigger
@@ -125,18 +133,30 @@ class ModelSpeedup:
     default_backend = "onnxruntime"
     required_backend: Optional[str] = None  # what load_quantized_model accepts (None: any)
 
-    def __init__(self, model: nn.Module, input_shape: Union[Sequence[int], Sequence[Sequence[int]]],
+    def __init__(self, model: nn.Module, input_shape: Union[Sequence[int], Sequence[Sequence[int]], None] = None,
                  config: Union[CalibrationConfig, str, None] = None, backend: Optional[str] = None,
                  batchsize: Optional[int] = None, onnx_path: Optional[str] = None, extra_layer_bits: int = 32,
                  calib_data_loader: Optional[Iterable[Any]] = None, calib_batches: Optional[int] = None,
-                 exporter: str = DEFAULT_EXPORTER, num_threads: Optional[int] = None) -> None:
+                 exporter: str = DEFAULT_EXPORTER, num_threads: Optional[int] = None,
+                 dummy_input: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if extra_layer_bits not in EXTRA_LAYER_BITS:
             raise ValueError(f"extra_layer_bits must be one of {EXTRA_LAYER_BITS}, got {extra_layer_bits!r}")
+        if (input_shape is None) == (dummy_input is None):
+            raise ValueError("give the model's inputs as input_shape=(batch, ...) for float32 inputs, or as "
+                             "dummy_input= an example batch (a tensor, a tuple or a dict of tensors), not both")
         self.model = model
-        self.input_shapes = _normalize_shapes(input_shape)
-        self.batchsize = int(batchsize if batchsize is not None else self.input_shapes[0][0])
+        if dummy_input is not None:
+            self.dummy_input: Optional[ModelInputs] = ModelInputs.of(dummy_input, model).map(lambda t: t.detach().cpu())
+            self.io = EngineIO.from_example(self.dummy_input)
+            default_batch = self.dummy_input.tensors()[0].shape[0]
+        else:
+            self.dummy_input = None
+            shapes = _normalize_shapes(input_shape)
+            self.io = EngineIO.from_shapes(shapes)
+            default_batch = shapes[0][0]
+        self.batchsize = int(batchsize if batchsize is not None else default_batch)
         if self.batchsize < 1:
             raise ValueError(f"batchsize must be >= 1, got {batchsize}")
         self.config = load_calibration_config(config) if isinstance(config, (str, os.PathLike)) else config
@@ -147,8 +167,6 @@ class ModelSpeedup:
         self.calib_batches = calib_batches
         self.exporter = exporter
         self.num_threads = num_threads or _default_threads()
-        self.input_names: List[str] = []
-        self.output_names: List[str] = []
         self.plan: Optional[PrecisionPlan] = None
         self.annotated_model: Optional[onnx.ModelProto] = None
         self._engine: Optional[Engine] = None
@@ -163,9 +181,24 @@ class ModelSpeedup:
     def _float_model(self) -> nn.Module:
         return unwrapped_copy(self.model).cpu().float().eval()
 
-    def _example_inputs(self) -> List[torch.Tensor]:
-        gen = torch.Generator().manual_seed(0)
-        return [torch.randn(2, *shape[1:], generator=gen) for shape in self.input_shapes]
+    @property
+    def input_names(self) -> List[str]:
+        return [s.name for s in self.io.inputs]
+
+    @property
+    def output_names(self) -> List[str]:
+        return list(self.io.output_names)
+
+    @property
+    def input_shapes(self) -> List[Tuple[int, ...]]:
+        """Input shapes with the batch axis at ``batchsize`` (NNI convention)."""
+        return [(self.batchsize,) + s.shape for s in self.io.inputs]
+
+    def _example_inputs(self) -> ModelInputs:
+        """Two samples for export and placement: the dummy input's (repeated if it has one), else random."""
+        if self.dummy_input is None:
+            return self.io.example(2)
+        return self.dummy_input.map(lambda t: t[:2] if t.shape[0] >= 2 else t[:1].repeat_interleave(2, 0))
 
     def _extra_layers(self, model: nn.Module, config: CalibrationConfig) -> List[str]:
         return [n for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES) and n not in config]
@@ -187,7 +220,7 @@ class ModelSpeedup:
             for i, batch in enumerate(self.calib_data_loader):
                 if self.calib_batches is not None and i >= self.calib_batches:
                     break
-                clone(*(t.float().cpu() for t in _as_inputs(batch)))
+                _as_inputs(batch).map(lambda t: t.float().cpu() if t.is_floating_point() else t.cpu()).call(clone)
                 seen += 1
         if not seen:
             raise ValueError("calib_data_loader yielded no batch; give it real input batches")
@@ -259,12 +292,12 @@ class ModelSpeedup:
                                points=points, point_edges=edges)
         self.annotated_model = annotate(exported.model, self.plan)
         self._layer_nodes = self.plan.layer_nodes()
-        self.input_names, self.output_names = exported.input_names, exported.output_names
+        self.io.output_names, self.io.output_structure = exported.output_names, exported.output_structure
+        if self.onnx_path:  # the precision-annotated graph, the contract every backend reads
+            _atomic_save_onnx(self.annotated_model, self.onnx_path)
         self._backend = get_backend(self.backend_name)
         # the backend's own CPU-side rewrites and conformance checks, before any build
         self.annotated_model = self._backend.prepare(self.annotated_model, self._layer_nodes, config)
-        if self.onnx_path:
-            _atomic_save_onnx(self.annotated_model, self.onnx_path)
         self._backend.check_available()
         options = self._options()
         options.extra.update(layer_nodes=self._layer_nodes, calibration=config)
@@ -281,7 +314,7 @@ class ModelSpeedup:
 
     # -- running -----------------------------------------------------------------------------
     def _warm_up(self) -> None:
-        self._engine.run([np.zeros((self.batchsize,) + tuple(s[1:]), dtype=np.float32) for s in self.input_shapes])
+        self._engine.run(self.io.zeros(self.batchsize))
         self._engine.synchronize()
 
     def _require_engine(self) -> Engine:
@@ -289,57 +322,22 @@ class ModelSpeedup:
             raise RuntimeError("no engine yet: call compress() first (or load one with load_quantized_model)")
         return self._engine
 
-    def _validate(self, data: Any) -> List[np.ndarray]:
-        items = list(data) if isinstance(data, (tuple, list)) else [data]
-        n_inputs = len(self.input_shapes)
-        if len(items) != n_inputs:
-            raise ValueError(f"the engine takes {n_inputs} input(s), got {len(items)}: pass "
-                             f"{'one tensor' if n_inputs == 1 else 'a tuple of ' + str(n_inputs) + ' tensors'}")
-        arrays = []
-        for i, (item, shape) in enumerate(zip(items, self.input_shapes)):
-            where = f"input {i}" if n_inputs > 1 else "the input"
-            if isinstance(item, np.ndarray):
-                item = torch.from_numpy(item)
-            if not torch.is_tensor(item):
-                raise TypeError(f"{where} must be a torch tensor, got {type(item).__name__}")
-            expected = ("N",) + tuple(shape[1:])
-            if item.dim() != len(shape):
-                raise ValueError(f"{where} has shape {tuple(item.shape)} (rank {item.dim()}); the engine expects "
-                                 f"{expected} (rank {len(shape)}): add or remove dimensions, e.g. x.unsqueeze(0)")
-            if tuple(item.shape[1:]) != tuple(shape[1:]):
-                raise ValueError(f"{where} has shape {tuple(item.shape)}; the engine was built for {expected}: "
-                                 "resize the data or build the engine with that input_shape")
-            if item.shape[0] == 0:
-                raise ValueError(f"{where} has batch size 0; pass at least one sample")
-            if item.dtype != torch.float32:
-                raise ValueError(f"{where} has dtype {item.dtype}; the engine takes torch.float32: pass x.float()")
-            array = item.detach().cpu().contiguous().numpy()
-            # numpy, not torch: torch's OpenMP pool would spin beside the engine's threads
-            if not np.isfinite(array).all():
-                bad = "NaN" if np.isnan(array).any() else "infinity"
-                raise ValueError(f"{where} contains {bad}; clean the data (e.g. torch.nan_to_num) before inference")
-            arrays.append(array)
-        sizes = {a.shape[0] for a in arrays}
-        if len(sizes) > 1:
-            raise ValueError(f"the inputs have different batch sizes {sorted(sizes)}; they must match")
-        return arrays
+    def inference(self, data: Any) -> Tuple[Any, float]:
+        """Run the engine on ``data``: the structure the model takes (a float32 tensor or a tuple
+        of them with ``input_shape``; with ``dummy_input``, the dummy input's structure and dtypes).
 
-    def inference(self, data: Any) -> Tuple[Union[torch.Tensor, Tuple[torch.Tensor, ...]], float]:
-        """Run the engine on ``data`` (a float32 tensor, or a tuple for several inputs).
-
-        Returns (output tensor, or a tuple of them, on the CPU) and the wall-clock seconds of
-        the whole call: validation, conversion, every chunk of ``batchsize`` and device sync.
+        Returns the model's own output structure (tensors on the CPU) and the wall-clock seconds
+        of the whole call: validation, conversion, every chunk of ``batchsize`` and device sync.
         """
         start = time.perf_counter()
         engine = self._require_engine()
-        arrays = self._validate(data)
+        arrays = self.io.validate(data)
         total = arrays[0].shape[0]
         chunks = [engine.run([a[i:i + self.batchsize] for a in arrays]) for i in range(0, total, self.batchsize)]
         engine.synchronize()
         outputs = [torch.from_numpy(np.ascontiguousarray(np.concatenate([c[k] for c in chunks])))
                    for k in range(len(chunks[0]))]
-        result = outputs[0] if len(outputs) == 1 else tuple(outputs)
-        return result, time.perf_counter() - start
+        return self.io.rebuild(outputs), time.perf_counter() - start
 
     def precision_report(self) -> List[Dict[str, Any]]:
         """What the backend built (:mod:`.precision_report`): a row ``{'kind': 'layer', 'layer',
@@ -359,35 +357,40 @@ class ModelSpeedup:
         meta = {"mixq_version": mixq.__version__, "backend": self.backend_name,
                 "backend_version": self._backend.version(), "input_names": self.input_names,
                 "output_names": self.output_names, "input_shapes": [list(s) for s in self.input_shapes],
-                "batchsize": self.batchsize, "layer_nodes": self._layer_nodes,
+                "io": self.io.to_meta(), "batchsize": self.batchsize, "layer_nodes": self._layer_nodes,
                 "precision_report": self._report, "calibration": self.config or {}}
         write_engine_file(path, meta, engine.serialize())
         logger.info("saved %s engine to %s", self.backend_name, path)
 
     @classmethod
     def load_quantized_model(cls, path: str, num_threads: Optional[int] = None) -> "ModelSpeedup":
-        """Load an engine saved by :meth:`export_quantized_model` (same backend and version)."""
+        """Load an engine saved by :meth:`export_quantized_model` (same backend and version).
+
+        Every field of the file is checked (:mod:`.engine_meta`) and every failure, the
+        backend's included, is an :class:`EngineFormatError` naming the file."""
+        threads = resolve_threads(num_threads)
         meta, payload = read_engine_file(path, backend=cls.required_backend)
         backend = get_backend(meta["backend"])
         backend.check_available()
-        if meta["backend_version"] != backend.version():
-            raise EngineFormatError(f"{path} was built with {meta['backend']} {meta['backend_version']}, this is "
-                                    f"{backend.version()}: rebuild the engine with compress() and export it again")
         self = cls.__new__(cls)
         self.model = None
-        self.input_shapes = [tuple(s) for s in meta["input_shapes"]]
-        self.batchsize = int(meta["batchsize"])
+        self.dummy_input = None
+        self.batchsize = meta["batchsize"]
+        try:
+            self.io = EngineIO.from_meta(meta["io"]) if "io" in meta else EngineIO.from_shapes(meta["input_shapes"])
+        except ValueError as exc:
+            raise EngineFormatError(f"{path}: meta.json's io is invalid ({exc}); export the engine again") from None
+        if "io" not in meta:  # engines saved before structured inputs: float32 positional inputs
+            self.io.output_names = list(meta["output_names"])
         self.backend_name = meta["backend"]
-        self.num_threads = num_threads or _default_threads()
-        self.input_names, self.output_names = list(meta["input_names"]), list(meta["output_names"])
+        self.num_threads = threads
         self.config = meta.get("calibration") or None
         self.plan = None
         self.annotated_model = None
         self._backend = backend
-        self._engine = backend.deserialize(payload, self._options())
+        self._engine = load_engine(backend, meta, payload, self._options(), path, self.io.zeros(1))
         self._report = [dict(r) for r in meta.get("precision_report", [])]
         self._layer_nodes = dict(meta.get("layer_nodes", {}))
-        self._warm_up()
         return self
 
 
@@ -397,7 +400,7 @@ class ModelSpeedupTensorRT(ModelSpeedup):
     default_backend = "tensorrt"
     required_backend = "tensorrt"
 
-    def __init__(self, model: nn.Module, input_shape: Union[Sequence[int], Sequence[Sequence[int]]],
+    def __init__(self, model: nn.Module, input_shape: Union[Sequence[int], Sequence[Sequence[int]], None] = None,
                  config: Union[CalibrationConfig, str, None] = None, batchsize: Optional[int] = None,
                  **kwargs: Any) -> None:
         kwargs.setdefault("backend", "tensorrt")

@@ -19,18 +19,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Sequence
 
 import onnx
 import torch
 import torch.nn as nn
 
 from ..compressor.bn_fold import find_conv_bn_pairs
+from ..compressor.model_io import ModelInputs, OutputStructure, flatten_output
+from ..compressor.model_io import output_names as io_output_names
 from ..compressor.wrapper import set_submodule
+from .export_check import verify_export
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +65,12 @@ class ExportedModel:
     output_names: List[str]
     exporter: str
     folded: Dict[str, FoldedBatchNorm] = field(default_factory=dict)  # keyed by conv name
+    output_structure: OutputStructure = OutputStructure("tensor")
 
 
-def io_names(count: int, stem: str) -> List[str]:
-    """``['input']`` for one tensor, ``['input_0', 'input_1', ...]`` for several."""
-    return [stem] if count == 1 else [f"{stem}_{i}" for i in range(count)]
-
-
-def conv_bn_pairs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Dict[str, str]:
+def conv_bn_pairs(model: nn.Module, example_inputs: Any) -> Dict[str, str]:
     """``{conv_name: bn_name}`` for every BatchNorm fed directly by a conv of ``model``."""
-    return find_conv_bn_pairs(model, tuple(example_inputs))
+    return find_conv_bn_pairs(model, ModelInputs.of(example_inputs))
 
 
 def bn_factor(bn: nn.Module) -> torch.Tensor:
@@ -125,37 +126,61 @@ class ChannelAffine(nn.Module):
 
 
 @contextlib.contextmanager
-def quiet_export() -> Iterator[None]:
-    """Silence exporter warnings and progress logs the user cannot act on."""
+def quiet_export() -> Iterator[List[str]]:
+    """Silence exporter notices and progress logs the user cannot act on; collect, as the list
+    this yields, the TracerWarnings that say where a forward cannot be traced (with the place)."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
     levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    tracer: List[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         for lg in loggers:
             lg.setLevel(logging.ERROR)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                yield
+                yield tracer
         finally:
             for lg, level in zip(loggers, levels):
                 lg.setLevel(level)
+            seen = set()
+            for w in caught:
+                if issubclass(w.category, torch.jit.TracerWarning):
+                    text = f"{' '.join(str(w.message).split())} ({os.path.basename(w.filename)}:{w.lineno})"
+                    if text not in seen:
+                        seen.add(text)
+                        tracer.append(text)
 
 
-def _run_outputs(model: nn.Module, inputs: Tuple[torch.Tensor, ...]) -> int:
+def _positional_forward(model: nn.Module, inputs: ModelInputs) -> None:
+    """Let the TorchScript exporter, which passes every input by position, call a forward with
+    keyword-only parameters: they keep their defaults (what ``model(x)`` does); without a
+    default, or given an input, they cannot be exported this way."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return
+    keyword_only = [p for p in params if p.kind is p.KEYWORD_ONLY]
+    if not keyword_only:
+        return
+    blocked = [p.name for p in keyword_only if p.default is p.empty or p.name in inputs.kwargs]
+    if blocked:
+        raise ValueError(f"{type(model).__name__}.forward takes keyword-only parameter(s) {blocked}, which the "
+                         "TorchScript exporter can only pass by position: make them ordinary parameters "
+                         "(forward(self, x, name=...)) or use exporter='dynamo'")
+    forward = model.forward
+    model.forward = lambda *args: forward(*args)
+
+
+def _run_outputs(model: nn.Module, inputs: ModelInputs) -> OutputStructure:
     with torch.no_grad():
-        out = model(*inputs)
-    if torch.is_tensor(out):
-        return 1
-    if isinstance(out, (tuple, list)) and out and all(torch.is_tensor(o) for o in out):
-        return len(out)
-    raise TypeError(f"the model returns {type(out).__name__}; speedup needs a tensor or a tuple/list of tensors")
+        return flatten_output(inputs.call(model))[1]
 
 
-def _export_torchscript(model: nn.Module, inputs: Tuple[torch.Tensor, ...], input_names: List[str],
+def _export_torchscript(model: nn.Module, inputs: ModelInputs, input_names: List[str],
                         output_names: List[str]) -> onnx.ModelProto:
     buffer = io.BytesIO()
     axes = {name: {0: BATCH_AXIS_NAME} for name in input_names + output_names}
-    torch.onnx.export(model, inputs, buffer, input_names=input_names, output_names=output_names,
+    torch.onnx.export(model, inputs.export_args(), buffer, input_names=input_names, output_names=output_names,
                       dynamic_axes=axes, opset_version=OPSET["torchscript"], do_constant_folding=True,
                       dynamo=False)
     return onnx.load_from_string(buffer.getvalue())
@@ -174,11 +199,14 @@ def check_exporter(exporter: str) -> None:
                                       "or use exporter='torchscript' (the default)", name="onnxscript") from None
 
 
-def _export_dynamo(model: nn.Module, inputs: Tuple[torch.Tensor, ...], input_names: List[str],
+def _export_dynamo(model: nn.Module, inputs: ModelInputs, input_names: List[str],
                    output_names: List[str]) -> onnx.ModelProto:
     batch = torch.export.Dim(BATCH_AXIS_NAME, min=1)
-    program = torch.onnx.export(model, inputs, dynamo=True, input_names=input_names, output_names=output_names,
-                                dynamic_shapes=tuple({0: batch} for _ in inputs),
+    shapes = {"args": tuple({0: batch} for _ in inputs.args)} if not inputs.kwargs else \
+        {**{f"arg{i}": {0: batch} for i in range(len(inputs.args))}, **{k: {0: batch} for k in inputs.kwargs}}
+    program = torch.onnx.export(model, inputs.args, kwargs=inputs.kwargs or None, dynamo=True,
+                                input_names=input_names, output_names=output_names,
+                                dynamic_shapes=shapes["args"] if "args" in shapes else shapes,
                                 opset_version=OPSET["dynamo"], verbose=False)
     return program.model_proto
 
@@ -242,14 +270,16 @@ def _ensure_node_names(model: onnx.ModelProto) -> None:
         seen.add(node.name)
 
 
-def export_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], fold: Mapping[str, str],
+def export_onnx(model: nn.Module, example_inputs: Any, fold: Mapping[str, str],
                 exporter: str = DEFAULT_EXPORTER, keep: Sequence[str] = ()) -> ExportedModel:
     """Export a float, eval-mode deep copy of ``model`` to ONNX with a dynamic batch axis on
     every input and output, after folding ``fold[conv] = bn`` pairs in torch. The BatchNorms
     named in ``keep`` stay separate nodes (see :class:`ChannelAffine`).
 
-    ``model`` itself is not modified. Inputs are named ``input`` / ``input_<i>``, outputs
-    ``output`` / ``output_<i>``.
+    ``example_inputs``: a tensor, a tuple of tensors or a dict of keyword tensors (any dtype:
+    token ids stay integers), or :class:`~mixq.compressor.model_io.ModelInputs`. ``model`` itself
+    is not modified. Inputs are named ``input`` / ``input_<i>`` (positional) or by keyword,
+    outputs ``output`` / ``output_<i>`` or by the keys of a dict / ``ModelOutput`` return.
     """
     check_exporter(exporter)
     clone = copy.deepcopy(model).cpu().eval()
@@ -258,17 +288,28 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], fold: 
     folded = fold_batchnorms(clone, fold)
     for bn_name in keep:
         set_submodule(clone, bn_name, ChannelAffine(clone.get_submodule(bn_name)))
-    inputs = tuple(t.detach().cpu().float() for t in example_inputs)
-    input_names = io_names(len(inputs), "input")
-    output_names = io_names(_run_outputs(clone, inputs), "output")
-    with quiet_export():
-        if exporter == "torchscript":
-            proto = _export_torchscript(clone, inputs, input_names, output_names)
-        else:
-            proto = _export_dynamo(clone, inputs, input_names, output_names)
+    inputs = ModelInputs.of(example_inputs, model).map(lambda t: t.detach().cpu())
+    input_names = inputs.names()
+    structure = _run_outputs(clone, inputs)
+    output_names = io_output_names(structure)
+    if exporter == "torchscript":
+        _positional_forward(clone, inputs)
+    with quiet_export() as tracer_warnings:
+        try:
+            if exporter == "torchscript":
+                proto = _export_torchscript(clone, inputs, input_names, output_names)
+            else:
+                proto = _export_dynamo(clone, inputs, input_names, output_names)
+        except Exception as exc:  # the exporter's own errors: name them in one line
+            reason = " ".join(str(exc).split())[:400] or type(exc).__name__
+            raise RuntimeError(f"the {exporter} exporter cannot export {type(model).__name__} ({reason})"
+                               + ("; try exporter='dynamo'" if exporter == "torchscript" else "")) from None
     _inline_identity_initializers(proto)
     _drop_value_preserving_nodes(proto)
     _ensure_node_names(proto)
+    verify_export(proto, input_names, output_names,
+                  lambda flat: flatten_output(inputs.from_flat(flat).call(clone))[0], inputs.tensors(),
+                  tracer_warnings)
     logger.info("exported %s with the %s exporter (%d nodes, %d BatchNorms folded)", type(model).__name__,
                 exporter, len(proto.graph.node), len(folded))
-    return ExportedModel(proto, input_names, output_names, exporter, folded)
+    return ExportedModel(proto, input_names, output_names, exporter, folded, structure)

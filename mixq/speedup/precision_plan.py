@@ -177,6 +177,11 @@ def weight_codes(weight: torch.Tensor, entry: Mapping[str, Any], layer: str,
     zps = torch.tensor(entry["weight_zero_point"], dtype=torch.int64)
     axis = entry.get("weight_axis") if is_per_channel(scheme) else None
     weight = weight.detach().float()
+    if is_per_channel(scheme) and (axis is None or not 0 <= axis < weight.dim()
+                                   or scales.numel() != weight.shape[axis]):
+        raise ValueError(f"calibration entry {layer!r}: {scales.numel()} weight_scale values along weight_axis "
+                         f"{axis!r} do not fit its weight of shape {tuple(weight.shape)}: export the calibration "
+                         "from this model")
     ref = weight
     config_folded = entry.get("folded_bn") is not None
     if config_folded:
@@ -213,7 +218,10 @@ _SMALLEST_SCALE = 1.0001 * torch.finfo(torch.float32).eps
 def _check_codes(ref: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, qmin: int,
                  qmax: int, axis: Optional[int], layer: str, symmetric: bool) -> None:
     """The scales must belong to this weight: every observer picks a grid inside the weight's
-    own range (widened to 0, within a step), and clamps only a minority of the values."""
+    own range (widened to 0, within a step) that leaves most of each channel's values inside it."""
+    if not bool(torch.isfinite(scales).all()) or bool((scales <= 0).any()):
+        raise ValueError(f"calibration entry {layer!r}: weight_scale holds values that are not positive finite "
+                         "float32 numbers: export the calibration again")
     rows = ref.transpose(0, axis).reshape(ref.shape[axis], -1) if axis is not None else ref.reshape(1, -1)
     lo = torch.clamp(rows.min(dim=1).values, max=0.0)
     hi = torch.clamp(rows.max(dim=1).values, min=0.0)
@@ -222,11 +230,15 @@ def _check_codes(ref: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, z
         lo = -hi
     grid_lo, grid_hi = (qmin - zps) * scales, (qmax - zps) * scales
     too_wide = ((grid_hi > hi + 1.01 * scales) | (grid_lo < lo - 1.01 * scales)) & (scales > _SMALLEST_SCALE)
-    clamped = float(((codes <= qmin) | (codes >= qmax)).float().mean())
-    if bool(too_wide.any()) or clamped > 0.5:
-        raise ValueError(f"the calibration config of layer {layer!r} does not match the model's weights "
-                         f"({'scales wider than the weights' if bool(too_wide.any()) else f'{clamped:.0%} of them clamp'}): "
-                         "pass the model the calibration was exported from")
+    # values more than half a step outside the grid, per channel (a clipping observer clips a few)
+    steps = rows / scales.reshape(-1, 1) + zps.reshape(-1, 1)
+    outside = ((steps < qmin - 0.501) | (steps > qmax + 0.501)).float().mean(dim=1)
+    if bool(too_wide.any()) or bool((outside > 0.5).any()):
+        channel = int(torch.nonzero(too_wide | (outside > 0.5))[0])
+        why = ("its scale is wider than the weights" if bool(too_wide[channel])
+               else f"{float(outside[channel]):.0%} of its weights fall outside the grid")
+        raise ValueError(f"the calibration config of layer {layer!r} does not match the model's weights (channel "
+                         f"{channel}: {why}): pass the model the calibration was exported from")
 
 
 def onnx_weight_quant(codes: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, axis: Optional[int],
@@ -356,6 +368,7 @@ class _Planner:
         self.torch_model = torch_model
         self.plan = PrecisionPlan()
         self.bn_alias = {f.bn: conv for conv, f in folded.items()}
+        self.placed = False  # a placed calibration: its tensors are all there is, nothing is derived backwards
 
     # -- layer configuration -------------------------------------------------------------------
     def layer_calls(self, name: str) -> List[ModuleCall]:
@@ -487,7 +500,7 @@ class _Planner:
             if node.op_type in GRID_PRESERVING and grids_in[0] is not None and self._preserves(node, grids_in[0]):
                 self._propagate_forward(node, grids_in[0])
                 continue
-            if node.op_type not in INTEGER_CAPABLE or self.plan.tensor_grids.get(out):
+            if self.placed or node.op_type not in INTEGER_CAPABLE or self.plan.tensor_grids.get(out):
                 continue
             if any(g is None for g in grids_in):
                 continue
@@ -551,7 +564,7 @@ def build_plan(model: onnx.ModelProto, calls: Mapping[str, List[ModuleCall]], fo
     quantize the activations, and the layers' own activation entries are then only informative.
     """
     planner = _Planner(model, calls, folded, torch_model)
-    placed = points is not None
+    placed = planner.placed = points is not None
     for name, entry in layer_entries(config).items():
         planner.add_layer(LayerSpec(name, entry, isinstance(torch_model.get_submodule(name), WEIGHT_TYPES)),
                           activations=not placed)

@@ -61,8 +61,11 @@ def build_report(plan: PrecisionPlan, precisions: Mapping[str, str], backend: An
     """Rows for the configured layers, the placed ops and the integer share of MACs."""
     rows: List[Row] = []
     claimed = set()
+    weighted = {n.name for n in fp32_model.graph.node if n.op_type in WEIGHTED_OPS}
     for layer in plan.layers.values():
-        found = [precisions.get(n, "unknown") for n in layer.nodes]
+        # a Conv/Linear runs at its multiply-accumulate node's precision (a bias Add beside it does not count)
+        nodes = [n for n in layer.nodes if n in weighted] or layer.nodes
+        found = [precisions.get(n, "unknown") for n in nodes]
         actual = max(found, key=ORDER.__getitem__) if found else ("fp32" if layer.note else "unknown")
         claimed.update(layer.nodes)
         rows.append({"kind": "layer", "layer": layer.name, "requested": layer.requested, "actual": actual,
