@@ -125,21 +125,15 @@ def _validate_entry(name: str, entry: Dict[str, Any]) -> None:
             raise CalibrationError(f"{where} is missing {', '.join(missing)} "
                                    f"(required for {entry[qtype + '_bits']}-bit {qtype})")
         if qtype != "weight":
-            _check_range(where, entry, f"tracked_min_{qtype}", f"tracked_max_{qtype}", entry.get(f"{qtype}_bits"))
+            _check_range(where, entry, f"tracked_min_{qtype}", f"tracked_max_{qtype}")
     if "weight_scale" in entry:
         _check_weight(where, entry)
 
 
-def _check_range(where: str, entry: Dict[str, Any], min_key: str, max_key: str, bits: Any) -> None:
-    """``min <= max``; an integer grid's range must not collapse to [0, 0] (every value would become 0)."""
+def _check_range(where: str, entry: Dict[str, Any], min_key: str, max_key: str) -> None:
     lo, hi = entry.get(min_key), entry.get(max_key)
-    if lo is None or hi is None:
-        return
-    if lo > hi:
+    if lo is not None and hi is not None and lo > hi:
         raise CalibrationError(f"{where}: {min_key} {lo} > {max_key} {hi}")
-    if lo == hi == 0 and is_integer_bits(bits):
-        raise CalibrationError(f"{where}: {min_key} = {max_key} = 0, a zero-width range that quantizes every value "
-                               "to 0; calibrate again on real data that reaches this tensor")
 
 
 def _check_weight(where: str, entry: Dict[str, Any]) -> None:
@@ -184,7 +178,7 @@ def _validate_placement(config: Dict[str, Any]) -> None:
             _TENSOR_FIELDS.validate(entry)
         except SchemaError as exc:
             raise CalibrationError(f"{where}: {exc.code.splitlines()[0]}") from None
-        _check_range(where, entry, "tracked_min", "tracked_max", entry["bits"])
+        _check_range(where, entry, "tracked_min", "tracked_max")
 
 
 def save_calibration_config(config: CalibrationConfig, path: str) -> None:
