@@ -1,0 +1,145 @@
+"""Issue #13, items 1 and 13: a forward the exporter cannot follow never builds a silently wrong
+engine, and a keyword-only forward parameter is not a traceback.
+
+The reference is the torch model itself, run on the same inputs as the engine.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mixq.speedup import ModelSpeedup
+from mixq.speedup.export_check import ExportMismatchError, verification_batches
+from mixq.speedup.onnx_export import export_onnx, quiet_export
+
+
+class NoExport(nn.Module):
+    """The issue's model: the input leaves torch, so the trace records it as a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(torch.from_numpy(x.detach().numpy() * 2))
+
+
+class Branch(nn.Module):
+    """Data-dependent control flow: the trace keeps the example's branch only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc(x)
+        return -self.fc(x)
+
+
+class PythonFloat(nn.Module):
+    """A tensor turned into a Python number: the trace bakes in the example's value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(x) * float(x.abs().max())
+
+
+class FixedBatch(nn.Module):
+    """A batch size read as a Python int: the graph only runs the example's batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(x.reshape(len(x), 2, 4).flatten(1))
+
+
+class KeywordOnly(nn.Module):
+    """``forward(self, x, *, temperature=2.0)``: the TorchScript exporter passes inputs by position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x, *, temperature=2.0):
+        return self.fc(x) / temperature
+
+
+@pytest.mark.parametrize("model_cls, fragment", [
+    (NoExport, "Converting a tensor to a NumPy array"),
+    (Branch, "Converting a tensor to a Python boolean"),
+    (PythonFloat, "Converting a tensor to a Python float"),
+    (FixedBatch, "the graph fails on a batch of 3"),  # and: "Using len to get tensor shape"
+])
+def test_untraceable_forward_is_refused_naming_the_cause(model_cls, fragment):
+    torch.manual_seed(0)
+    with pytest.raises(ExportMismatchError, match="does not compute what the model computes") as info:
+        ModelSpeedup(model_cls().eval(), (4, 8)).compress()
+    message = str(info.value)
+    assert fragment in message and len(message.splitlines()) == 1
+    assert "test_hardening_export.py:" in message  # the exporter's warning says where the trace broke
+
+
+def test_the_issue_model_no_longer_builds_an_engine_that_ignores_its_input():
+    torch.manual_seed(0)
+    with pytest.raises(ExportMismatchError):
+        ModelSpeedup(NoExport().eval(), (4, 8)).compress()
+
+
+def test_verification_batches_take_the_other_branch():
+    example = [torch.randn(2, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([[1, 2], [3, 4]])]
+    first, second = verification_batches(example)
+    assert [t.shape[0] for t in first] == [3, 3] and [t.shape[0] for t in second] == [1, 1]
+    assert torch.equal(second[0], -2 * first[0][:1])  # negated: a branch on the sign goes the other way
+    assert torch.equal(first[1], example[1][[0, 1, 0]]) and first[1].dtype == torch.int64  # ids stay valid
+
+
+def test_keyword_only_parameters_keep_their_defaults():
+    torch.manual_seed(0)
+    model = KeywordOnly().eval()
+    engine = ModelSpeedup(model, (4, 8)).compress()
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(engine.inference(x)[0], model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_quiet_export_surfaces_tracer_warnings_only():
+    with quiet_export() as tracer:
+        warnings.warn("deprecated exporter option", DeprecationWarning)
+        warnings.warn("Converting a tensor to a Python index", torch.jit.TracerWarning)
+    assert len(tracer) == 1 and tracer[0].startswith("Converting a tensor to a Python index (")
+
+
+class TracedFine(nn.Module):
+    """Warns while tracing (a shape check turned into a Python bool) but exports correctly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        assert bool(x.shape[1] == torch.tensor(8)), "8 features"
+        return self.fc(x)
+
+
+def test_a_tracer_warning_on_a_correct_graph_is_logged(caplog):
+    with caplog.at_level(logging.WARNING, logger="mixq.speedup.export_check"):
+        exported = export_onnx(TracedFine().eval(), (torch.randn(2, 8),), {})
+    assert exported.model.graph.node
+    assert any("the ONNX exporter warned" in r.getMessage() and "Python boolean" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_traceable_model_exports_without_warnings(caplog, trained_mnist):
+    model, _ = trained_mnist
+    with caplog.at_level(logging.WARNING):
+        export_onnx(model.eval(), (torch.randn(2, 1, 28, 28),), {})
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
