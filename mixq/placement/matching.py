@@ -26,9 +26,10 @@ ATOL = 1e-5
 
 
 def probe_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` for matching: BatchNorm statistics and affine parameters replaced by
-    random ones (seeded), so that no BatchNorm computes the identity (fresh or zero-init BNs
-    would make a conv's output equal its BN's) and no tensor equals another by accident."""
+    """A copy of ``model`` for matching, with normalisation statistics, affine parameters and
+    biases redrawn (seeded): freshly initialised layers compute near-identities (a new BatchNorm,
+    a LayerNorm with unit scale, a zero bias that makes a Linear's MatMul equal its output), which
+    would make two different tensors equal by accident."""
     copy_ = copy.deepcopy(model).eval()
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
@@ -37,9 +38,13 @@ def probe_copy(model: nn.Module) -> nn.Module:
                 n = m.num_features
                 m.running_mean.copy_(torch.randn(n, generator=gen) * 0.2)
                 m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                if m.affine:
-                    m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                    m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)) and \
+                    getattr(m, "weight", None) is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.2)
+            elif isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.bias is not None:
+                scale = float(m.weight.std()) if m.weight.numel() > 1 else 0.1
+                m.bias.add_(torch.randn(m.bias.shape, generator=gen) * scale)
     return copy_
 
 

@@ -11,10 +11,22 @@ from onnx import numpy_helper
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
+def _with_input_shapes(model: onnx.ModelProto, shapes: Dict[str, Sequence[int]]) -> onnx.ModelProto:
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for inp in fixed.graph.input:
+        if inp.name in shapes:
+            for dim, value in zip(inp.type.tensor_type.shape.dim, shapes[inp.name]):
+                dim.Clear()
+                dim.dim_value = int(value)
+    return fixed
+
+
 class OnnxGraph:
     """Index of ``model``'s main graph, built once (the model must not change afterwards)."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, input_shapes: Optional[Dict[str, Sequence[int]]] = None) -> None:
+        """``input_shapes`` (concrete, e.g. batch 1) let shape inference resolve every dimension."""
         graph = model.graph
         self.model = model
         self.nodes: List[onnx.NodeProto] = list(graph.node)
@@ -35,7 +47,8 @@ class OnnxGraph:
                     self.consumers[name].append(n)
         self.inputs = [i.name for i in graph.input if i.name not in self.initializers]
         self.outputs = {o.name for o in graph.output}
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(_with_input_shapes(model, input_shapes) if input_shapes else model,
+                                                     data_prop=bool(input_shapes))
         self.types: Dict[str, int] = {}
         self.shapes: Dict[str, List[Optional[int]]] = {}
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):

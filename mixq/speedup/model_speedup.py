@@ -303,7 +303,7 @@ class ModelSpeedup:
         options.extra.update(layer_nodes=self._layer_nodes, calibration=config)
         self._engine = self._backend.build(self.annotated_model, options)
         self._report = build_report(self.plan, self._engine.node_precisions(), self._backend, exported.model,
-                                    self.annotated_model)
+                                    self.annotated_model, {s.name: (1,) + s.shape for s in self.io.inputs})
         self._warm_up()
         for row in self._report:
             if row["kind"] != "summary" and row["actual"] != row["requested"]:

@@ -40,6 +40,7 @@ class ModuleCall:
 class _ModuleTree:
     def __init__(self, names: Iterable[str]) -> None:
         self.names = set(names) | {""}
+        self.order = {n: i for i, n in enumerate(names)}
         self.children: Dict[str, List[str]] = defaultdict(list)
         for name in self.names:
             if name:
@@ -54,11 +55,26 @@ class _ModuleTree:
         return ""
 
     def resolve(self, parent: str, component: str) -> Optional[str]:
-        """The child of ``parent`` that a scope component names, if exactly one does."""
+        """The module under ``parent`` that a scope component names, if exactly one does: a child,
+        else the nearest descendant through containers that are never called themselves (the
+        blocks of an ``nn.ModuleList`` looped over in ``forward``: ``layer.0`` under ``encoder``)."""
+        prefix = f"{parent}." if parent else ""
         for comp in (component, _CALL_SUFFIX.sub("", component)):
             hits = [c for c in self.children.get(parent, []) if c == comp or c.endswith("." + comp)]
             if len(hits) == 1:
                 return hits[0]
+            deeper = sorted((n for n in self.names if n.startswith(prefix) and n != parent
+                             and (n[len(prefix):] == comp or n[len(prefix):].endswith("." + comp))),
+                            key=lambda n: self.order.get(n, 0))
+            if deeper:
+                depth = min(n.count(".") for n in deeper)
+                nearest = [n for n in deeper if n.count(".") == depth]
+                if len(nearest) == 1:
+                    return nearest[0]
+                if comp != component:  # 'fc_1': the second call of an 'fc' among same-named modules
+                    index = int(component[len(comp) + 1:])
+                    return nearest[index] if index < len(nearest) else None
+                return nearest[0]
         return None
 
 

@@ -9,7 +9,7 @@ never guessed.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import onnx
 
@@ -57,8 +57,9 @@ def _quantized_ops(annotated: onnx.ModelProto, claimed: set) -> List[onnx.NodePr
 
 
 def build_report(plan: PrecisionPlan, precisions: Mapping[str, str], backend: Any, fp32_model: onnx.ModelProto,
-                 annotated: onnx.ModelProto) -> List[Row]:
-    """Rows for the configured layers, the placed ops and the integer share of MACs."""
+                 annotated: onnx.ModelProto, input_shapes: Optional[Dict[str, Sequence[int]]] = None) -> List[Row]:
+    """Rows for the configured layers, the placed ops and the integer share of MACs
+    (``input_shapes``: one sample's concrete input shapes, so that every MAC is counted)."""
     rows: List[Row] = []
     claimed = set()
     weighted = {n.name for n in fp32_model.graph.node if n.op_type in WEIGHTED_OPS}
@@ -76,7 +77,7 @@ def build_report(plan: PrecisionPlan, precisions: Mapping[str, str], backend: An
                                               else f"{backend.name} does not say how it built this op")
         rows.append({"kind": "op", "layer": node.name, "op": node.op_type, "requested": "int8", "actual": actual,
                      "reason": reason})
-    rows.append(mac_summary(OnnxGraph(fp32_model), precisions))
+    rows.append(mac_summary(OnnxGraph(fp32_model, input_shapes), precisions))
     return rows
 
 
