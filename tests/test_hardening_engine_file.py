@@ -3,7 +3,7 @@ EngineFormatError or a working engine; reading it never takes more than twice it
 declared size; written files honour the umask and killed writers leave no temp files behind.
 
 Files are crafted from a real engine (a small model built here): one field or member changed.
-Peak memory is measured in a fresh interpreter (``ru_maxrss`` after the imports vs after the read).
+Peak memory is measured in a fresh interpreter (peak RSS while reading over RSS before).
 """
 from __future__ import annotations
 
@@ -54,18 +54,26 @@ def craft(path, meta, payload, **changes):
 
 
 def peak_mb(code: str) -> float:
-    """Growth of the peak RSS (MB) while ``code`` runs in a fresh interpreter (after its imports)."""
+    """Growth of the peak RSS (MB) while ``code`` runs in a fresh interpreter, over its RSS after
+    the imports (Linux resets the peak through /proc/self/clear_refs)."""
     script = textwrap.dedent("""
-        import resource, sys
+        import sys
         import mixq.speedup, mixq.speedup.backends.onnxruntime
         from mixq.speedup import EngineFormatError, ModelSpeedup
         from mixq.speedup.engine_file import read_engine_file
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+        def status(key):
+            with open("/proc/self/status") as fh:
+                return next(int(line.split()[1]) for line in fh if line.startswith(key + ":"))
+
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # peak RSS := current RSS
+        base = status("VmRSS")
         try:
         {code}
         except EngineFormatError as exc:
             print("refused:", exc, file=sys.stderr)
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+        print((status("VmHWM") - base) / 1024)
     """).format(code=textwrap.indent(code, "    "))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
