@@ -8,7 +8,7 @@ import statistics
 import sys
 import time
 import zipfile
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -115,23 +115,24 @@ def _available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _random_inputs(shapes: Sequence[Sequence[int]], batch_size: int) -> Tuple[torch.Tensor, ...]:
-    """Normal float32 inputs of ``batch_size`` samples; refused when they would not fit in memory."""
-    needed = batch_size * sum(int(np.prod(s[1:], dtype=np.float64)) for s in shapes) * 4
+def _random_inputs(engine: Any, batch_size: int) -> Any:
+    """``batch_size`` samples of what the engine takes (normal floats, zeros for integer inputs),
+    in the structure ``inference`` takes; refused when they would not fit in memory."""
+    needed = batch_size * sum(int(np.prod(s.shape, dtype=np.float64)) * s.dtype.itemsize for s in engine.io.inputs)
     available = _available_memory()
     if needed > available // 2:
         raise ValueError(f"--batch-size {batch_size} needs {_size(needed)} of input data, and {_size(available)} of "
                          "memory is available: use a smaller --batch-size")
-    rng = np.random.default_rng(0)
-    return tuple(torch.from_numpy(rng.standard_normal((batch_size,) + tuple(s[1:]), dtype=np.float32))
-                 for s in shapes)
+    example = engine.io.example(batch_size)
+    if example.kwargs:
+        return dict(example.kwargs)
+    return example.args[0] if len(example.args) == 1 else example.args
 
 
 def _bench(path: str, batch_size: int, runs: int, warmup: int) -> str:
     from .speedup import ModelSpeedup
     engine = ModelSpeedup.load_quantized_model(path)
-    x = _random_inputs(engine.input_shapes, batch_size)
-    x = x[0] if len(x) == 1 else x
+    x = _random_inputs(engine, batch_size)
     for _ in range(warmup):
         engine.inference(x)
     times = []

@@ -267,10 +267,13 @@ def export_fp32_onnx(model: nn.Module, dummy_input: torch.Tensor, path: str) -> 
     model.eval()
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             torch.onnx.export(model, (dummy_input,), buffer, input_names=["input"], output_names=["output"],
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, dynamo=False)
     finally:
         model.train(was_training)
+    for w in caught:  # the exporter's notices are noise; a TracerWarning says the graph may be wrong
+        if issubclass(w.category, torch.jit.TracerWarning):
+            logger.warning("exporting %s: %s (%s:%d)", path, w.message, w.filename, w.lineno)
     atomic_write(path, buffer.getvalue())
