@@ -168,6 +168,19 @@ def test_meta_fields_are_checked(engine_file, tmp_path, changes, fragment):
     assert main(["inspect", path]) == 2  # mixq inspect: one line, no traceback
 
 
+@pytest.mark.parametrize("io_change, fragment", [
+    (lambda io: io.update(output_names=["a", "b"]), "returns 1 outputs, meta.json names 2"),
+    (lambda io: io["inputs"][0].update(shape=[3, 8, 8]), "cannot load its payload"),
+    (lambda io: io["inputs"][0].update(dtype="complex64"), "io is invalid"),
+])
+def test_io_that_does_not_fit_the_payload_is_refused_at_load(engine_file, tmp_path, io_change, fragment):
+    _, meta, payload = engine_file
+    io = json.loads(json.dumps(meta["io"]))
+    io_change(io)
+    with pytest.raises(EngineFormatError, match=fragment):
+        ModelSpeedup.load_quantized_model(craft(tmp_path / "e.mixq", meta, payload, io=io))
+
+
 def test_deeply_nested_meta_is_an_engine_format_error(engine_file, tmp_path):
     _, meta, payload = engine_file
     deep = tmp_path / "deep.mixq"

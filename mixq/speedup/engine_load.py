@@ -75,10 +75,14 @@ def load_engine(backend: Backend, meta: Dict[str, Any], payload: bytes, options:
                                 f"{backend.version()}: {REBUILD}")
     if meta["backend"] == "onnxruntime":
         check_onnx_payload(payload, path)
+    expected = len(meta["io"]["output_names"] if "io" in meta else meta["output_names"])
     try:
         engine = backend.deserialize(payload, options)
-        engine.run(warm_up)
+        outputs = engine.run(warm_up)
         engine.synchronize()
+        if len(outputs) != expected:
+            raise EngineFormatError(f"its engine returns {len(outputs)} outputs, meta.json names {expected}; "
+                                    f"the file is damaged or was not written by mixq: {REBUILD}")
     except EngineFormatError as exc:
         raise EngineFormatError(f"{path}: {exc}") from None
     except MemoryError:
