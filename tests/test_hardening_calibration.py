@@ -61,6 +61,8 @@ def _run(x):
     (lambda c: c["conv1"].update(weight_axis=-1), "weight_axis"),
     (lambda c: c["conv1"]["weight_zero_point"].__setitem__(0, 10 ** 30), "outside the 8-bit int grid"),
     (lambda c: c["@tensors"][next(iter(c["@tensors"]))].update(bits=12), "1..8"),
+    (lambda c: c["conv1"].update(input_bits=1, input_scheme="per_tensor_symmetric"), "at least 2 bits"),
+    (lambda c: c["conv1"].update(input_scheme="per_channel_affine"), "activations are quantized per tensor"),
 ])
 def test_bad_values_are_refused_naming_layer_and_key(calibrated, tmp_path, change, fragment):
     _, config, _ = calibrated

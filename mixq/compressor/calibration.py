@@ -124,10 +124,23 @@ def _validate_entry(name: str, entry: Dict[str, Any]) -> None:
         if missing:
             raise CalibrationError(f"{where} is missing {', '.join(missing)} "
                                    f"(required for {entry[qtype + '_bits']}-bit {qtype})")
+        _check_grid(where, entry.get(f"{qtype}_bits"), entry.get(f"{qtype}_scheme"), f"{qtype}_scheme", qtype)
         if qtype != "weight":
             _check_range(where, entry, f"tracked_min_{qtype}", f"tracked_max_{qtype}")
     if "weight_scale" in entry:
         _check_weight(where, entry)
+
+
+def _check_grid(where: str, bits: Any, scheme: Any, key: str, qtype: str) -> None:
+    """Activations are per tensor; a symmetric grid needs at least 2 bits."""
+    if scheme is None:
+        return
+    if qtype != "weight" and is_per_channel(scheme):
+        raise CalibrationError(f"{where}: {key} = {scheme!r}, but activations are quantized per tensor "
+                               "(per_tensor_symmetric or per_tensor_affine)")
+    if bits == 1 and is_symmetric(scheme):
+        raise CalibrationError(f"{where}: 1-bit {qtype} with {key} = {scheme!r}; a symmetric grid needs at least "
+                               "2 bits (use an affine scheme)")
 
 
 def _check_range(where: str, entry: Dict[str, Any], min_key: str, max_key: str) -> None:
@@ -178,6 +191,7 @@ def _validate_placement(config: Dict[str, Any]) -> None:
             _TENSOR_FIELDS.validate(entry)
         except SchemaError as exc:
             raise CalibrationError(f"{where}: {exc.code.splitlines()[0]}") from None
+        _check_grid(where, entry["bits"], entry["scheme"], "scheme", "tensor")
         _check_range(where, entry, "tracked_min", "tracked_max")
 
 
