@@ -13,7 +13,9 @@ on the models here), keeps operators that backends fuse well (``Flatten``,
 names every node after its module scope. Both are mapped back to module names by
 :mod:`mixq.speedup.module_map`. The dynamo exporter needs the ``onnxscript`` package
 (``pip install mixq[dynamo]``); without it ``exporter='dynamo'`` fails naming that command.
-Exporter deprecation notices and progress logs are silenced: the user cannot act on them.
+Exporter deprecation notices and progress logs are silenced: the user cannot act on them. The
+exporter's TracerWarnings are not: they say where a forward cannot be traced, and every export
+is checked against the model (:mod:`.export_check`).
 """
 from __future__ import annotations
 
@@ -271,7 +273,7 @@ def _ensure_node_names(model: onnx.ModelProto) -> None:
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, fold: Mapping[str, str],
-                exporter: str = DEFAULT_EXPORTER, keep: Sequence[str] = ()) -> ExportedModel:
+                exporter: str = DEFAULT_EXPORTER, keep: Sequence[str] = (), verify: bool = True) -> ExportedModel:
     """Export a float, eval-mode deep copy of ``model`` to ONNX with a dynamic batch axis on
     every input and output, after folding ``fold[conv] = bn`` pairs in torch. The BatchNorms
     named in ``keep`` stay separate nodes (see :class:`ChannelAffine`).
@@ -280,6 +282,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, fold: Mapping[str, str],
     token ids stay integers), or :class:`~mixq.compressor.model_io.ModelInputs`. ``model`` itself
     is not modified. Inputs are named ``input`` / ``input_<i>`` (positional) or by keyword,
     outputs ``output`` / ``output_<i>`` or by the keys of a dict / ``ModelOutput`` return.
+
+    The graph is compared with the model on two other batches (:mod:`.export_check`) and
+    refused when they differ; ``verify=False`` skips that for a copy of a model whose export
+    was just verified.
     """
     check_exporter(exporter)
     clone = copy.deepcopy(model).cpu().eval()
@@ -307,9 +313,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, fold: Mapping[str, str],
     _inline_identity_initializers(proto)
     _drop_value_preserving_nodes(proto)
     _ensure_node_names(proto)
-    verify_export(proto, input_names, output_names,
-                  lambda flat: flatten_output(inputs.from_flat(flat).call(clone))[0], inputs.tensors(),
-                  tracer_warnings)
+    if verify:
+        verify_export(proto, input_names, output_names,
+                      lambda flat: flatten_output(inputs.from_flat(flat).call(clone))[0], inputs.tensors(),
+                      tracer_warnings)
     logger.info("exported %s with the %s exporter (%d nodes, %d BatchNorms folded)", type(model).__name__,
                 exporter, len(proto.graph.node), len(folded))
     return ExportedModel(proto, input_names, output_names, exporter, folded, structure)
