@@ -72,6 +72,7 @@ _FIELDS = {
     "weight_axis": Or(None, And(_int, lambda a: a >= 0), error="must be an int >= 0 or null"),
     "weight_dtype": _dtype,
     "folded_bn": Or(None, str, error="must be a module name or null"),
+    "quant_dynamic": Schema(bool),
 }
 for _q in ("input", "output"):
     _FIELDS.update({f"{_q}_bits": _bits, f"tracked_min_{_q}": _finite, f"tracked_max_{_q}": _finite,

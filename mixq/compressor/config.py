@@ -60,6 +60,7 @@ class LayerQuantConfig:
     quant_start_step: int = 0
     extra: Dict[str, Any] = field(default_factory=dict)
     explicit: Set[Tuple[str, str]] = field(default_factory=set)  # ('scheme'|'dtype', quant type) the entry set
+    dynamic: bool = False  # activations quantized at run time (per tensor, u8), weights int8
 
 
 class ConfigListSpec:
@@ -81,6 +82,7 @@ class ConfigListSpec:
             "op_names": And([str], len, error="op_names must be a non-empty list of module names"),
             "exclude": bool,
             "quant_start_step": And(int, lambda s: s >= 0, error="quant_start_step must be an int >= 0"),
+            "quant_dynamic": bool,
             "quant_scheme": _per_type(Or(*SCHEMES, error=f"quant_scheme must be one of {list(SCHEMES)}")),
             "quant_dtype": _per_type(Or(*DTYPES, error=f"quant_dtype must be one of {list(DTYPES)}")),
             **self.extra_keys,
@@ -107,6 +109,9 @@ class ConfigListSpec:
             if key not in entry:
                 raise ConfigError(f"{where} is missing the required key {key!r}")
         types = entry["quant_types"]
+        if entry.get("quant_dynamic") and (types != ["weight"] or _lookup(entry["quant_bits"], "weight") != 8):
+            raise ConfigError(f"{where}: 'quant_dynamic': True quantizes the activations at run time, so it takes "
+                              "'quant_types': ['weight'] and 'quant_bits': 8")
         for qtype in types:
             if qtype not in self.quant_types:
                 raise ConfigError(f"{where}['quant_types']: {self.quantizer} cannot quantize {qtype!r}; "
@@ -204,7 +209,17 @@ class ConfigListSpec:
             quant_start_step=entry.get("quant_start_step", 0),
             extra={k: entry[k] for k in self.extra_keys if k in entry},
             explicit={(key, t) for key in ("scheme", "dtype") for t in types
-                      if _lookup(entry.get(f"quant_{key}"), t) is not None})
+                      if _lookup(entry.get(f"quant_{key}"), t) is not None},
+            dynamic=self._dynamic(index, entry, name, module))
+
+    @staticmethod
+    def _dynamic(index: int, entry: Dict[str, Any], name: str, module: nn.Module) -> bool:
+        if not entry.get("quant_dynamic"):
+            return False
+        if not isinstance(module, nn.Linear):
+            raise ConfigError(f"config_list[{index}]: 'quant_dynamic' applies to Linear layers; {name!r} is a "
+                              f"{type(module).__name__}: select it in a static entry")
+        return True
 
 
 def module_aliases(model: nn.Module) -> Dict[str, str]:

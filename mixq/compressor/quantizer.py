@@ -134,6 +134,19 @@ class Quantizer:
         """The range the weight is quantized with (min/max by default)."""
         return weight_range(weight, wrapper.config.scheme["weight"], weight_axis(wrapper.module))
 
+    def quantize_dynamic_input(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
+        """The input of a dynamically quantized layer as the engine computes it: uint8, per tensor,
+        with the range of this very tensor (ONNX ``DynamicQuantizeLinear``), whenever the layer's
+        weight is quantized."""
+        if not self.weights_active(wrapper):
+            return x
+        lo, hi = torch.aminmax(x.detach())
+        return fake_quant_tensor(x, 8, "per_tensor_affine", "uint", lo, hi)
+
+    def weights_active(self, wrapper: QuantizerModuleWrapper) -> bool:
+        """Whether the layer's weight is fake-quantized now (quantizers with phases override it)."""
+        return True
+
     def quantize_input(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -218,6 +231,8 @@ class Quantizer:
                              weight_scheme=scheme, weight_dtype=cfg.dtype["weight"],
                              weight_axis=axis if is_per_channel(scheme) else None,
                              folded_bn=wrapper.bn_name)
+            if cfg.dynamic:
+                entry["quant_dynamic"] = True
         for qtype in ("input", "output"):
             if qtype not in wrapper.simulated_types:
                 continue

@@ -82,6 +82,8 @@ class QuantizerModuleWrapper(nn.Module):
                     raise TypeError(f"layer {self.name!r} ({self.config.module_type}) is configured for input "
                                     "quantization, which needs exactly one tensor input; drop 'input' from its quant_types")
                 args = (q.quantize_input(self, args[0]),)
+            if self.config.dynamic and args and torch.is_tensor(args[0]):
+                args = (q.quantize_dynamic_input(self, args[0]),) + tuple(args[1:])
             out = self._forward_weight(q, args, kwargs) if "weight" in types else self.module(*args, **kwargs)
             if "output" in types:
                 if not torch.is_tensor(out):

@@ -38,6 +38,7 @@ class LayerIntent:
     name: str
     weight_bits: Optional[int] = None
     activations: Dict[str, PointSpec] = field(default_factory=dict)  # 'input'/'output' -> spec
+    dynamic: bool = False  # activations quantized at run time: no placed point, not a static integer node
 
     @property
     def is_float(self) -> bool:
@@ -97,7 +98,7 @@ def plan_points(model: nn.Module, example_inputs: Any, intents: Mapping[str, Lay
     for name, intent in intents.items():
         module_calls_ = calls.get(bn_alias.get(name, name), [])
         plan.node_layers.update({n: name for c in module_calls_ for n in c.nodes})
-        if intent.is_float:
+        if intent.is_float or intent.dynamic:
             float_nodes |= _module_tree_nodes(calls, name)
             continue
         weighted = intent.weight_bits is not None and isinstance(model.get_submodule(name), WEIGHT_TYPES)

@@ -86,6 +86,9 @@ class ObserverQuantizer(PlacementMixin, Quantizer):
             return weight
         return super().quantize_weight(wrapper, weight)
 
+    def weights_active(self, wrapper: QuantizerModuleWrapper) -> bool:
+        return self.compressed
+
     def weight_range(self, wrapper: QuantizerModuleWrapper, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self._weight_ranges[wrapper.name]
 

@@ -72,6 +72,8 @@ class PlacementMixin:
         self.backend = resolve_placement_backend(backend)
         self.point_plan = None
         self._lazy_handle = None
+        if all(cfg.dynamic for cfg in self.layer_configs.values()):
+            self.backend = None  # activations are quantized at run time: nothing to place
         if self.backend is None:
             return
         for wrapper in self.modules_wrapper.values():
@@ -99,7 +101,7 @@ class PlacementMixin:
                         bits=cfg.bits[qtype],
                         scheme=cfg.scheme[qtype] if ("scheme", qtype) in cfg.explicit else None,
                         dtype=cfg.dtype[qtype] if ("dtype", qtype) in cfg.explicit else None)
-            intents[name] = LayerIntent(name, cfg.bits.get("weight"), acts)
+            intents[name] = LayerIntent(name, cfg.bits.get("weight"), acts, dynamic=cfg.dynamic)
         return intents
 
     def _point_context(self, key: str) -> str:

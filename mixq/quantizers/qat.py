@@ -76,6 +76,9 @@ class QAT_Quantizer(PlacementMixin, Quantizer):
     def _active(self, wrapper: QuantizerModuleWrapper) -> bool:
         return self.steps >= wrapper.config.quant_start_step
 
+    def weights_active(self, wrapper: QuantizerModuleWrapper) -> bool:
+        return self._active(wrapper)
+
     def quantize_weight(self, wrapper: QuantizerModuleWrapper, weight: torch.Tensor) -> torch.Tensor:
         if not self._active(wrapper):
             return weight

@@ -128,6 +128,8 @@ class ModelSpeedup:
         calib_batches: how many of its batches to use (default: all).
         exporter: 'torchscript' (default) or 'dynamo' (see :mod:`mixq.speedup.onnx_export`).
         num_threads: CPU threads of the engine (default: the cores this process may use).
+        dynamic: with ``extra_layer_bits=8``, Linear layers quantize their activations at run
+            time (uint8 per tensor, ONNX Runtime's dynamic integer kernels): no calibration data.
     """
 
     default_backend = "onnxruntime"
@@ -138,7 +140,7 @@ class ModelSpeedup:
                  batchsize: Optional[int] = None, onnx_path: Optional[str] = None, extra_layer_bits: int = 32,
                  calib_data_loader: Optional[Iterable[Any]] = None, calib_batches: Optional[int] = None,
                  exporter: str = DEFAULT_EXPORTER, num_threads: Optional[int] = None,
-                 dummy_input: Any = None) -> None:
+                 dummy_input: Any = None, dynamic: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if extra_layer_bits not in EXTRA_LAYER_BITS:
@@ -146,7 +148,11 @@ class ModelSpeedup:
         if (input_shape is None) == (dummy_input is None):
             raise ValueError("give the model's inputs as input_shape=(batch, ...) for float32 inputs, or as "
                              "dummy_input= an example batch (a tensor, a tuple or a dict of tensors), not both")
+        if dynamic and extra_layer_bits != 8:
+            raise ValueError("dynamic=True quantizes the Linear layers the config leaves out at run time: it needs "
+                             "extra_layer_bits=8")
         self.model = model
+        self.dynamic = dynamic
         if dummy_input is not None:
             self.dummy_input: Optional[ModelInputs] = ModelInputs.of(dummy_input, model).map(lambda t: t.detach().cpu())
             self.io = EngineIO.from_example(self.dummy_input)
@@ -203,18 +209,28 @@ class ModelSpeedup:
     def _extra_layers(self, model: nn.Module, config: CalibrationConfig) -> List[str]:
         return [n for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES) and n not in config]
 
-    def _auto_config_list(self, layers: List[str]) -> List[Dict[str, Any]]:
-        """Config list making ``layers`` int8: the backend's placement quantizes what they need."""
-        return [{"op_names": list(layers), "quant_types": ["weight"], "quant_bits": 8}] if layers else []
+    def _auto_config_list(self, model: nn.Module, layers: List[str]) -> List[Dict[str, Any]]:
+        """Config list making ``layers`` int8: the backend's placement quantizes what they need;
+        with ``dynamic``, Linear layers quantize their activations at run time instead."""
+        dynamic = [n for n in layers if self.dynamic and isinstance(model.get_submodule(n), nn.Linear)]
+        static = [n for n in layers if n not in dynamic]
+        items = [{"op_names": static, "quant_types": ["weight"], "quant_bits": 8}] if static else []
+        if dynamic:
+            items.append({"op_names": dynamic, "quant_types": ["weight"], "quant_bits": 8, "quant_dynamic": True})
+        return items
 
     def _calibrate(self, model: nn.Module, config_list: List[Dict[str, Any]]) -> CalibrationConfig:
         from ..quantizers import ObserverQuantizer
 
-        if self.calib_data_loader is None:
-            raise ValueError("activation ranges are missing (config entries without tracked ranges, or "
-                             "extra_layer_bits=8): pass calib_data_loader= with a few batches of real inputs")
         clone = copy.deepcopy(model)
         quantizer = ObserverQuantizer(clone, config_list, backend=self.backend_name)
+        if quantizer.backend is None:  # only run-time (dynamic) activation quantization: weights need no data
+            quantizer.compress()
+            return quantizer.calibration_config()
+        if self.calib_data_loader is None:
+            raise ValueError("activation ranges are missing (config entries without tracked ranges, or "
+                             "extra_layer_bits=8): pass calib_data_loader= with a few batches of real inputs, "
+                             "or dynamic=True to quantize Linear activations at run time")
         seen = 0
         with torch.no_grad():
             for i, batch in enumerate(self.calib_data_loader):
@@ -250,13 +266,14 @@ class ModelSpeedup:
         # calibrate with one joint placement over every integer layer; keep what the config measured
         config_list = [_config_list_entry(n, e) for n, e in layers.items()]
         if self.extra_layer_bits == 8:
-            config_list += self._auto_config_list(extra)
+            config_list += self._auto_config_list(model, extra)
         calibrated = self._calibrate(model, config_list)
         resolved = {n: e for n, e in layers.items() if n not in needs}
         resolved.update({n: e for n, e in layer_entries(calibrated).items() if n not in resolved})
-        tensors = dict(calibrated.get(TENSORS_KEY, {}))
-        tensors.update({k: v for k, v in config.get(TENSORS_KEY, {}).items() if k in tensors})
-        resolved[TENSORS_KEY], resolved[PLACEMENT_KEY] = tensors, calibrated[PLACEMENT_KEY]
+        if PLACEMENT_KEY in calibrated:  # else only run-time (dynamic) quantization: nothing placed
+            tensors = dict(calibrated[TENSORS_KEY])
+            tensors.update({k: v for k, v in config.get(TENSORS_KEY, {}).items() if k in tensors})
+            resolved[TENSORS_KEY], resolved[PLACEMENT_KEY] = tensors, calibrated[PLACEMENT_KEY]
         return validate_calibration_config(resolved), ([] if self.extra_layer_bits == 8 else extra)
 
     def _locate_points(self, model: nn.Module, exported, calls, config: CalibrationConfig, example, export):

@@ -55,6 +55,7 @@ class _Annotator:
         self.before: Dict[str, List[onnx.NodeProto]] = defaultdict(list)   # node name -> nodes to emit before
         self.after: Dict[str, List[onnx.NodeProto]] = defaultdict(list)    # node name -> nodes to emit after
         self.head: List[onnx.NodeProto] = []                               # before everything
+        self.replaced: Dict[str, List[onnx.NodeProto]] = {}                # node name -> nodes standing for it
         graph = self.model.graph
         self.producer = {o: n for n in graph.node for o in n.output}
         self.initializers = {i.name: i for i in graph.initializer}
@@ -146,11 +147,14 @@ class _Annotator:
             self._wrap_tensor(tensor, lambda s, d, t=tensor: self._fp16_round_trip(s, d, t))
         for node_name, wq in plan.weights.items():
             self._quantize_weight(nodes[node_name], wq)
+        for node_name, wq in plan.dynamic.items():
+            self._dynamic_matmul(nodes[node_name], wq)
         for node_name in plan.fp16_nodes:
             self._to_fp16(nodes[node_name])
         ordered = list(self.head)
         for node in graph.node:
-            ordered += self.before.get(node.name, []) + [node] + self.after.get(node.name, [])
+            body = self.replaced.get(node.name, [node])
+            ordered += self.before.get(node.name, []) + body + self.after.get(node.name, [])
         del graph.node[:]
         graph.node.extend(ordered)
         graph.initializer.extend(self.inits)
@@ -184,6 +188,38 @@ class _Annotator:
         node.input[1] = out
         if len(node.input) > 2 and node.input[2] and node.op_type in ("Conv", "Gemm"):
             self._quantize_bias(node, wq)
+
+    def _dynamic_matmul(self, node: onnx.NodeProto, wq) -> None:
+        """MatMul/Gemm -> DynamicQuantizeLinear (uint8, per tensor, at run time) + MatMulInteger
+        with the int8 weight + Cast + Mul by ``input_scale * weight_scale`` (+ the Gemm's bias):
+        what ONNX Runtime fuses into DynamicQuantizeMatMul."""
+        codes, scales, zps, axis = wq.codes, wq.scales, wq.zero_points, wq.axis
+        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        if trans_b:  # MatMulInteger takes B as (K, N)
+            codes = codes.T
+            axis = None if axis is None else 1 - axis
+        if axis not in (None, 1):
+            raise ValueError(f"node {node.name}: dynamic quantization needs per-column weight scales, got axis {axis}")
+        stem = f"{node.name}.dynamic"
+        x = node.input[0]
+        xq, xs, xz = (self.names.new(f"{stem}/x_{p}") for p in ("quantized", "scale", "zero_point"))
+        w = self._init(f"{stem}/weight_quantized", np.ascontiguousarray(codes))
+        wz = self._init(f"{stem}/weight_zero_point", zps.astype(np.int8).reshape(-1) if axis is not None
+                        else zps.astype(np.int8).reshape(()))
+        ws = self._init(f"{stem}/weight_scale", scales.astype(np.float32).reshape(-1) if axis is not None
+                        else scales.astype(np.float32).reshape(()))
+        product, as_float, scale = (self.names.new(f"{stem}/{p}") for p in ("int32", "float", "scale"))
+        out = node.output[0]
+        result = self.names.new(f"{stem}/unbiased") if node.op_type == "Gemm" and len(node.input) > 2 else out
+        emitted = [
+            helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz], name=self.names.new(f"{stem}/DynamicQuantizeLinear")),
+            helper.make_node("MatMulInteger", [xq, w, xz, wz], [product], name=node.name),
+            helper.make_node("Cast", [product], [as_float], to=TensorProto.FLOAT, name=self.names.new(f"{stem}/Cast")),
+            helper.make_node("Mul", [xs, ws], [scale], name=self.names.new(f"{stem}/ScaleMul")),
+            helper.make_node("Mul", [as_float, scale], [result], name=self.names.new(f"{stem}/OutputMul"))]
+        if result != out:
+            emitted.append(helper.make_node("Add", [result, node.input[2]], [out], name=self.names.new(f"{stem}/BiasAdd")))
+        self.replaced[node.name] = emitted
 
     def _quantize_bias(self, node: onnx.NodeProto, wq) -> None:
         in_scale = self._input_scale(node)

@@ -144,6 +144,7 @@ class PrecisionPlan:
     edge_fp16: Set[Tuple[str, str]] = field(default_factory=set)
     fp16_nodes: Set[str] = field(default_factory=set)
     weights: Dict[str, WeightQuant] = field(default_factory=dict)
+    dynamic: Dict[str, WeightQuant] = field(default_factory=dict)  # MatMul/Gemm with run-time activation quantization
     layers: Dict[str, LayerPlan] = field(default_factory=dict)
     notes: Dict[str, str] = field(default_factory=dict)  # node -> why its output has no range
 
@@ -242,15 +243,19 @@ def _check_codes(ref: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, z
 
 
 def onnx_weight_quant(codes: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, axis: Optional[int],
-                      onnx_shape: Sequence[int], bits: int) -> Optional[WeightQuant]:
-    """Lay codes out like the ONNX initializer (same shape, or the transpose of a 2-D weight)."""
-    shape = list(onnx_shape)
-    if list(codes.shape) != shape:
-        if codes.dim() == 2 and list(codes.shape[::-1]) == shape:
-            codes = codes.t()
-            axis = None if axis is None else 1 - axis
-        else:
-            return None
+                      onnx_weight: np.ndarray, reference: torch.Tensor, bits: int) -> Optional[WeightQuant]:
+    """Lay codes out like the ONNX initializer ``onnx_weight``: the same layout as ``reference``
+    (the float weight the codes quantize, in torch's layout), or its transpose (a Linear exported
+    as MatMul holds W^T; for a square weight only the values tell which)."""
+    shape = list(onnx_weight.shape)
+    ref = reference.detach().float().numpy()
+    transposed = codes.dim() == 2 and list(codes.shape[::-1]) == shape and (
+        list(codes.shape) != shape or np.abs(onnx_weight - ref.T).max() < np.abs(onnx_weight - ref).max())
+    if transposed:
+        codes = codes.t()
+        axis = None if axis is None else 1 - axis
+    elif list(codes.shape) != shape:
+        return None
     return WeightQuant(codes.to(torch.int8).numpy(), scales.numpy().astype(np.float32),
                        zps.to(torch.int8).numpy(), axis, bits)
 
@@ -436,9 +441,18 @@ class _Planner:
         module = self.torch_model.get_submodule(spec.name)
         codes, scales, zps, axis = weight_codes(module.weight, spec.entry, spec.name, self.folded.get(spec.name),
                                                 spec.name in self.folded)
-        wq = onnx_weight_quant(codes, scales, zps, axis, list(init.dims), bits)
+        folded = self.folded.get(spec.name)
+        reference = module.weight if folded is None else \
+            module.weight.detach() * folded.factor.reshape(_channel_shape(module.weight, folded.axis))
+        wq = onnx_weight_quant(codes, scales, zps, axis, numpy_helper.to_array(init), reference, bits)
         if wq is None:
             layer.note = f"the ONNX weight has shape {list(init.dims)}, the module's {list(codes.shape)}; it runs in float"
+            return
+        if spec.entry.get("quant_dynamic"):
+            if node.op_type not in ("MatMul", "Gemm"):
+                layer.note = f"dynamic quantization runs MatMul/Gemm nodes, this layer is a {node.op_type}"
+                return
+            self.plan.dynamic[node.name] = wq
             return
         self.plan.weights[node.name] = wq
 
@@ -537,7 +551,7 @@ class _Planner:
     def explain(self) -> None:
         """Record, per layer, why a requested int8 layer cannot run as an integer kernel."""
         for layer in self.plan.layers.values():
-            if layer.requested != "int8" or layer.note or not layer.nodes:
+            if layer.requested != "int8" or layer.note or not layer.nodes or layer.nodes[0] in self.plan.dynamic:
                 continue
             node = self.g.by_name[layer.nodes[0]]
             data_inputs = [i for i in node.input if self.g.is_activation(i)]

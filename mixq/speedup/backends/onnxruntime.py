@@ -50,7 +50,7 @@ INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloa
 _OUTPUT_ZERO_POINT = {"QLinearConv": 7, "QGemm": 8, "QLinearConcat": 1}
 _FLOAT_OUTPUT = {"DequantizeLinear", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
 _INT_TYPES = {TensorProto.UINT8, TensorProto.INT8}
-_ANNOTATION_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "Constant", "Identity"}
+_ANNOTATION_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Cast", "Constant", "Identity"}
 # ONNX Runtime passes that would reinterpret the annotated graph: WeightBiasQuantization
 # quantizes the float weights of a conv that sits between a DQ and a Q (an fp32 layer of a
 # mixed model would silently run int8); Q/DQ propagation moves Qs up through MaxPool onto the
@@ -412,9 +412,13 @@ def node_precisions_from_optimized(refined: onnx.ModelProto, optimized: onnx.Mod
         for i in n.input:
             readers[i].append(n)
 
+    int8_inits = {t.name for t in refined.graph.initializer if t.data_type == TensorProto.INT8}
+
     def weight_initializer(node: onnx.NodeProto) -> Optional[str]:
         if len(node.input) < 2:
             return None
+        if node.input[1] in int8_inits:  # read directly (MatMulInteger of a dynamic layer)
+            return node.input[1]
         dq = producer.get(node.input[1])
         if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
             return dq.input[0]
