@@ -54,6 +54,7 @@ def table(setup):
     return rows
 
 
+@pytest.mark.slow
 def test_sensitivity_table_is_sorted_and_matches_single_layer_ptq(setup, table):
     model, calib, _, _ = setup
     convs = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
@@ -70,6 +71,7 @@ def test_sensitivity_table_is_sorted_and_matches_single_layer_ptq(setup, table):
         assert row.sqnr_db == pytest.approx(10 * math.log10(reference.pow(2).sum() / noise), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_max_drop_goal_is_met_by_the_returned_config(setup, table):
     model, calib, x, y = setup
     fp32 = accuracy(model, x, y)
@@ -82,6 +84,7 @@ def test_max_drop_goal_is_met_by_the_returned_config(setup, table):
     assert accuracy(_ptq(model, config, calib), x, y) >= fp32 - 1.0
 
 
+@pytest.mark.slow
 def test_budget_goal_keeps_cost_and_improves_accuracy(setup, table):
     model, calib, x, y = setup
     config = auto_mixed_precision(model, W4A4, calib, budget=1.25, cost="latency", sensitivity=table)

@@ -40,6 +40,7 @@ def test_fp32_baseline(trained_mnist):
     assert acc >= 97.0
 
 
+@pytest.mark.slow
 def test_qat_8bit_keeps_accuracy(trained_mnist, mnist, tmp_path):
     model, fp32_acc = trained_mnist
     (xtr, ytr), (xte, yte) = mnist

@@ -103,6 +103,7 @@ def test_checkpoint_accuracy(fp32):
     assert fp32[1] >= 75.0  # 77.7% on all 10,000 test images (benchmarks/train_cifar_resnet.py)
 
 
+@pytest.mark.slow
 def test_w3a3_beats_round_to_nearest(fp32, w3a3, cifar):
     calib, x, y = cifar
     rtn = best_round_to_nearest(fp32[0], config_list(3, 3), calib, x, y)
@@ -111,6 +112,7 @@ def test_w3a3_beats_round_to_nearest(fp32, w3a3, cifar):
     assert recon >= fp32[1] - 5.0, (recon, fp32[1])
 
 
+@pytest.mark.slow
 def test_w4a4_close_to_fp32(fp32, cifar):
     calib, x, y = cifar
     model, _ = _reconstruct(fp32[0], (4, 4), calib, W4A4_ITERATIONS)
@@ -125,6 +127,7 @@ def _folded(model, conv, bn):
     return m(conv).weight.detach().numpy() * factor.reshape(-1, 1, 1, 1)
 
 
+@pytest.mark.slow
 def test_rounding_is_binary_and_export_reproduces_it(fp32, w3a3, tmp_path):
     original, (_, quantizer, _) = fp32[0], w3a3
     # the regulariser drove most soft rounding values to exactly 0 or 1 within the short budget
@@ -156,6 +159,7 @@ def test_rounding_is_binary_and_export_reproduces_it(fp32, w3a3, tmp_path):
     assert changed > 0  # AdaRound moved some weights off round-to-nearest
 
 
+@pytest.mark.slow
 def test_activation_bits_switch_monotonically(fp32, cifar, cifar_all):
     # W8 weights, so that the three levels differ by their activations only; evaluated on all
     # 10,000 test images because the mid-to-high gain is under one point

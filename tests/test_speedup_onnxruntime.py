@@ -183,6 +183,7 @@ def test_qat_with_simulated_bn_folding_matches_engine():
     torch.testing.assert_close(out, reference, atol=0.02 * reference.abs().max().item(), rtol=0)
 
 
+@pytest.mark.slow
 def test_cifar_resnet18_int8(cifar_root):
     (xtr, _), (xte, _) = load_cifar10(cifar_root)
     torch.manual_seed(0)
