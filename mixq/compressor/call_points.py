@@ -33,15 +33,42 @@ PointKey = str
 PointCallback = Callable[[PointKey, torch.Tensor], torch.Tensor]
 
 INPUT_PREFIX = "@input"
+_PART = re.compile(r"(@\d+|#\d+)\.[A-Za-z_]+$")  # 'act@0.sigmoid', 'self@0/scaled_dot_product_attention#0.query'
 _MODULE_KEY = re.compile(r"^(?P<name>[^@]*)@(?P<call>\d+)(?::in(?P<index>\d+))?$")
 
-# Functions and modules whose exported graph holds an intermediate tensor torch never
-# materialises: part name -> how to compute it from the input, and how the whole op is
-# rebuilt from its input and the (possibly replaced) part.
-DECOMPOSITIONS: Dict[str, Tuple[str, Callable[[torch.Tensor], torch.Tensor],
-                                Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {
-    "silu": ("sigmoid", torch.sigmoid, lambda x, s: x * s),
-}
+# Functions whose exported graph holds intermediate tensors torch never materialises: each is
+# recomputed from its parts, ``part(name, tensor)`` handing every part to the points (which may
+# replace it), in the exporters' own arithmetic so that the parts match the graph's tensors.
+Part = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def _silu(part: Part, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return x * part("sigmoid", torch.sigmoid(x))
+
+
+def _sdpa(part: Part, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None,
+          dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+          enable_gqa: bool = False) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, scaled as the ONNX exporter does (q and k by sqrt(scale))."""
+    root = (scale if scale is not None else 1.0 / float(query.shape[-1]) ** 0.5) ** 0.5
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+    scores = part("scores", part("query", query * root) @ part("key", (key.transpose(-2, -1) * root)))
+    if is_causal:
+        n, m = scores.shape[-2:]
+        causal = torch.ones(n, m, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    probs = torch.softmax(scores, -1)
+    probs = part("probs", torch.nan_to_num(probs, nan=0.0))  # a fully masked row: zeros, as exported
+    if dropout_p:
+        probs = torch.dropout(probs, dropout_p, True)
+    return probs @ value
+
+
+DECOMPOSITIONS: Dict[str, Callable[..., torch.Tensor]] = {"silu": _silu, "scaled_dot_product_attention": _sdpa}
 _DECOMPOSED_MODULES = {nn.SiLU: "silu"}
 
 
@@ -83,7 +110,7 @@ class _Frame:
         return module_key(self.name, self.call)
 
 
-def _decomposition_of(module: nn.Module):
+def _decomposition_of(module: nn.Module) -> Optional[Callable[..., torch.Tensor]]:
     return next((DECOMPOSITIONS[n] for t, n in _DECOMPOSED_MODULES.items() if isinstance(module, t)), None)
 
 
@@ -107,9 +134,9 @@ class _Mode(TorchFunctionMode):
         if decomposed is not None and args and _is_float_tensor(args[0]):  # in-place ones run out of place
             index = frame.counters.get(name, 0)
             base = f"{frame.scope}/{name}#{index}"
-            if owner.wants_part(f"{base}.{decomposed[0]}") or owner.recording:
+            if owner.wants_parts(base) or owner.recording:
                 frame.counters[name] = index + 1
-                out = owner.decomposed(base, decomposed, args[0])
+                out = owner.decomposed(base, decomposed, args, kwargs)
                 return owner.emit(base, out, in_place=False)
         out = func(*args, **kwargs)
         if not name or not _is_float_tensor(out):
@@ -133,6 +160,7 @@ class CallPoints:
         self.callback = callback
         self.keys = None if keys is None else set(keys)
         self.recording = keys is None
+        self._part_bases = {k.rpartition(".")[0] for k in self.keys or () if _PART.search(k)}
         self.frames: List[_Frame] = []
         self.calls: Dict[str, int] = {}
         self.busy = 0  # > 0 while our own callbacks run: their ops are not counted
@@ -144,8 +172,9 @@ class CallPoints:
     def wants(self, key: PointKey) -> bool:
         return self.keys is None or key in self.keys
 
-    def wants_part(self, key: PointKey) -> bool:
-        return self.keys is not None and key in self.keys
+    def wants_parts(self, base: PointKey) -> bool:
+        """Whether a part of the decomposed op at ``base`` is wanted (keys ``base.<part>``)."""
+        return base in self._part_bases
 
     def emit(self, key: PointKey, tensor: torch.Tensor, in_place: bool) -> torch.Tensor:
         if not self.wants(key) or not _is_float_tensor(tensor):
@@ -160,13 +189,11 @@ class CallPoints:
         finally:
             self.busy -= 1
 
-    def decomposed(self, base: str, spec, x: torch.Tensor) -> torch.Tensor:
-        part_name, compute, rebuild = spec
-        part = compute(x)
-        part = self.emit(f"{base}.{part_name}", part, in_place=False)
-        return rebuild(x, part)
+    def decomposed(self, base: str, fn: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
+        """``fn`` recomputed from its parts, each part handed to the points as ``base.<part>``."""
+        kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+        return fn(lambda part, tensor: self.emit(f"{base}.{part}", tensor, in_place=False), *args, **kwargs)
 
-    # -- hooks ---------------------------------------------------------------------------------
     def __deepcopy__(self, memo: dict) -> "CallPoints":
         return self  # copies of the model share it; mixq's own copies strip its hooks (strip_hooks)
 
@@ -225,7 +252,7 @@ class CallPoints:
             frame = _Frame(name, call, atomic)
             self.frames.append(frame)
             if decomposed is not None and args and _is_float_tensor(args[0]) and (
-                    self.recording or self.wants_part(f"{frame.scope}.{decomposed[0]}")):
+                    self.recording or self.wants_parts(frame.scope)):
                 frame.saved_input = args[0].clone()  # an in-place activation overwrites its input
             if not any(self.wants(input_key(name, call, i)) for i in range(len(args))):
                 return None
@@ -243,7 +270,7 @@ class CallPoints:
             if frame.saved_input is not None:
                 self.busy += 1
                 try:
-                    output = self.decomposed(key, _decomposition_of(module), frame.saved_input)
+                    output = self.decomposed(key, _decomposition_of(module), (frame.saved_input,), {})
                 finally:
                     self.busy -= 1
             if _is_float_tensor(output):

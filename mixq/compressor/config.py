@@ -145,10 +145,17 @@ class ConfigListSpec:
         type_names = {cls.__name__ for m in modules.values() for cls in type(m).__mro__[:-2]}  # not Module, object
         aliases = module_aliases(model)
         layers: Dict[str, LayerQuantConfig] = {}
+        type_names.add(MATMUL)
         for index, entry in enumerate(config_list):
             self._check_entry(index, entry)
             matched = self._match(index, entry, modules, type_names, aliases)
             for name in matched:
+                if is_matmul_site(name):
+                    if entry.get("exclude"):
+                        layers.pop(name, None)
+                    else:
+                        layers[name] = self._matmul_config(index, entry, name)
+                    continue
                 if entry.get("exclude"):
                     layers.pop(name, None)
                     self.excluded.add(name)
@@ -182,6 +189,8 @@ class ConfigListSpec:
             logger.warning("%s['op_types']: no module of type %r in the model%s", where, op_type,
                            _close(op_type, type_names | {"default"}))
         matched = []
+        if op_types and MATMUL in op_types:  # matrix products of two activations, by module scope
+            matched += [matmul_site(scope) for scope in (op_names or [""])]
         for name, module in modules.items():
             if not name or isinstance(module, _wrapper_types()):
                 continue
@@ -212,6 +221,20 @@ class ConfigListSpec:
                       if _lookup(entry.get(f"quant_{key}"), t) is not None},
             dynamic=self._dynamic(index, entry, name, module))
 
+    def _matmul_config(self, index: int, entry: Dict[str, Any], name: str) -> LayerQuantConfig:
+        types = [t for t in QUANT_TYPES if t in entry["quant_types"]]
+        if types != ["input"] or entry.get("quant_dynamic"):
+            raise ConfigError(f"config_list[{index}]: 'MatMul' selects matrix products of two activations "
+                              "(attention's Q K^T and softmax V); quantize their operands with "
+                              "'quant_types': ['input'] (static)")
+        return LayerQuantConfig(
+            name=name, module_type=MATMUL, quant_types=types, bits={"input": _lookup(entry["quant_bits"], "input")},
+            scheme={"input": _lookup(entry.get("quant_scheme"), "input") or DEFAULT_SCHEME["input"]},
+            dtype={"input": _lookup(entry.get("quant_dtype"), "input") or DEFAULT_DTYPE},
+            quant_start_step=entry.get("quant_start_step", 0),
+            extra={k: entry[k] for k in self.extra_keys if k in entry},
+            explicit={(key, "input") for key in ("scheme", "dtype") if _lookup(entry.get(f"quant_{key}"), "input")})
+
     @staticmethod
     def _dynamic(index: int, entry: Dict[str, Any], name: str, module: nn.Module) -> bool:
         if not entry.get("quant_dynamic"):
@@ -220,6 +243,24 @@ class ConfigListSpec:
             raise ConfigError(f"config_list[{index}]: 'quant_dynamic' applies to Linear layers; {name!r} is a "
                               f"{type(module).__name__}: select it in a static entry")
         return True
+
+
+MATMUL = "MatMul"
+_MATMUL_SUFFIX = "::" + MATMUL
+
+
+def matmul_site(scope: str) -> str:
+    """The config layer name of the activation-activation matrix products in module ``scope``
+    (and the modules under it): ``'encoder.layer.0.attention::MatMul'``, ``'::MatMul'`` for all."""
+    return scope + _MATMUL_SUFFIX
+
+
+def is_matmul_site(name: str) -> bool:
+    return name.endswith(_MATMUL_SUFFIX)
+
+
+def matmul_scope(name: str) -> str:
+    return name[:-len(_MATMUL_SUFFIX)]
 
 
 def module_aliases(model: nn.Module) -> Dict[str, str]:

@@ -13,7 +13,7 @@ from ..atomic_io import atomic_write
 from .bn_fold import find_conv_bn_pairs
 from .call_points import CallPoints, PointKey
 from .calibration import CalibrationConfig, save_calibration_config, validate_calibration_config
-from .config import ConfigError, ConfigListSpec, LayerQuantConfig, module_names
+from .config import ConfigError, ConfigListSpec, LayerQuantConfig, module_names, is_matmul_site
 from .observers import NonFiniteTensorError
 from .fake_quant import (fake_quantize, is_integer_bits, is_per_channel, is_symmetric, qparams_from_range,
                          quant_range, simulate_float_bits)
@@ -96,6 +96,8 @@ class Quantizer:
         self._call_points: Optional[CallPoints] = None
         self.modules_wrapper: Dict[str, QuantizerModuleWrapper] = {}
         for name, cfg in self.layer_configs.items():
+            if is_matmul_site(name):  # no module to wrap: the placement quantizes its operands
+                continue
             names = module_names(model, name)
             wrapper = QuantizerModuleWrapper(model.get_submodule(name), name, cfg, self)
             for other in names:  # every call site of a module registered twice (self.alias = self.conv)

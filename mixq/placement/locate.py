@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -36,7 +36,8 @@ def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
 
 def locate_points(model: onnx.ModelProto, calls: Mapping[str, List[ModuleCall]], torch_model: nn.Module,
                   example_inputs: Any, keys: Iterable[PointKey],
-                  export: Callable[[nn.Module], onnx.ModelProto]) -> LocatedPoints:
+                  export: Callable[[nn.Module], onnx.ModelProto],
+                  hints: Optional[Mapping[PointKey, str]] = None) -> LocatedPoints:
     """Map ``keys`` onto ``model`` (the fp32 export of ``torch_model``) by value on one sample.
 
     Values come from a probe copy of the model (:func:`.matching.probe_copy`, well-conditioned
@@ -63,7 +64,12 @@ def locate_points(model: onnx.ModelProto, calls: Mapping[str, List[ModuleCall]],
             else:
                 found.missing.append(key)
         else:
-            tensor = find_tensor(records[key].numpy(), values, wanted) if key in records else None
+            hint = (hints or {}).get(key)
+            value = records[key].numpy() if key in records else None
+            if value is not None and hint in values and values[hint].shape == value.shape and _close(values[hint], value):
+                tensor = hint  # the tensor the quantizer placed, when this export has it (equal values elsewhere do not count)
+            else:
+                tensor = find_tensor(value, values, wanted) if value is not None else None
             if tensor is None:
                 found.missing.append(key)
             else:

@@ -16,13 +16,14 @@ import torch
 import torch.nn as nn
 
 from ..compressor.call_points import PointKey, trace_points
-from ..compressor.config import WEIGHT_TYPES
+from ..compressor.config import WEIGHT_TYPES, is_matmul_site, matmul_scope
 from ..compressor.fake_quant import is_integer_bits
 from ..compressor.model_io import ModelInputs
 from ..speedup.module_map import ModuleCall, module_calls
 from ..speedup.onnx_export import DEFAULT_EXPORTER, conv_bn_pairs, export_onnx
 from .matching import match_input, match_tensors, onnx_tensor_values, probe_copy, probe_inputs
 from .onnx_graph import WEIGHTED_OPS, OnnxGraph
+from .scopes import matmul_nodes, module_tree_nodes
 from .op_rules import OpRules, rules_for
 from .policy import Placement, PointSpec, Request, place, readers_by_layer
 
@@ -57,18 +58,13 @@ class PointPlan:
     placement: Optional[Placement] = None
     tensor_keys: Dict[str, PointKey] = field(default_factory=dict)         # ONNX tensor -> key
     node_layers: Dict[str, str] = field(default_factory=dict)              # ONNX node -> configured layer
+    point_tensors: Dict[PointKey, str] = field(default_factory=dict)       # key -> ONNX tensor (this exporter's name)
 
     def grid(self, key: PointKey, rules: Optional[OpRules] = None) -> Tuple[int, str, str]:
         """``(bits, scheme, dtype)`` of a point, the backend's default filled in."""
         rules = rules or rules_for(self.backend)
         spec = self.points[key]
         return spec.bits, spec.scheme or rules.default_scheme, spec.dtype or rules.default_dtype
-
-
-def _module_tree_nodes(calls: Mapping[str, List[ModuleCall]], name: str) -> Set[str]:
-    """Nodes of ``name`` and of every module under it."""
-    prefix = name + "."
-    return {n for module, cs in calls.items() if module == name or module.startswith(prefix) for c in cs for n in c.nodes}
 
 
 def plan_points(model: nn.Module, example_inputs: Any, intents: Mapping[str, LayerIntent],
@@ -93,13 +89,23 @@ def plan_points(model: nn.Module, example_inputs: Any, intents: Mapping[str, Lay
     int_nodes: List[str] = []
     float_nodes: Set[str] = set()
     for name in excluded:
-        float_nodes |= _module_tree_nodes(calls, name)
+        float_nodes |= module_tree_nodes(calls, name)
     requests: List[Request] = []
     for name, intent in intents.items():
+        if is_matmul_site(name):
+            spec = intent.activations.get("input", PointSpec())
+            sites = matmul_nodes(g, calls, matmul_scope(name))
+            int_nodes += sites
+            requests += [Request(name, "input", t, (n,), spec) for n in sites
+                         for t in g.activation_inputs(g.by_name[n])]
+            plan.node_layers.update({n: name for n in sites})
+            if not sites:
+                plan.notes[name] = "no matrix product of two activations is computed there"
+            continue
         module_calls_ = calls.get(bn_alias.get(name, name), [])
         plan.node_layers.update({n: name for c in module_calls_ for n in c.nodes})
         if intent.is_float or intent.dynamic:
-            float_nodes |= _module_tree_nodes(calls, name)
+            float_nodes |= module_tree_nodes(calls, name)
             continue
         weighted = intent.weight_bits is not None and isinstance(model.get_submodule(name), WEIGHT_TYPES)
         for call in module_calls_:
@@ -134,6 +140,7 @@ def plan_points(model: nn.Module, example_inputs: Any, intents: Mapping[str, Lay
 
     for tensor, spec in list(placement.points.items()) + list(placement.requant.items()):
         plan.points[keys[tensor]] = spec
+        plan.point_tensors[keys[tensor]] = tensor
     node_call = {n: (module, i) for module, cs in calls.items() for i, c in enumerate(cs) for n in c.nodes}
     edge_keys: Dict[Tuple[str, str], PointKey] = {}
     for (tensor, reader), spec in placement.edges.items():

@@ -231,7 +231,11 @@ class _Policy:
             if rules.quantize_outputs:
                 out = out_tensor[name]
                 region_reads = any(r.name in region for r in g.readers(out))
-                if node.op_type in rules.float_output_ops and not region_reads:
+                # a product of two activations has an integer kernel only with its output quantized
+                # (QLinearMatMul); with a stored weight it may return float (MatMulIntegerToFloat)
+                float_ok = node.op_type in rules.float_output_ops and (
+                    node.op_type != "MatMul" or g.weight_initializer(node) is not None)
+                if float_ok and not region_reads:
                     continue
                 need(out, f"output of {node.op_type} {name}", name)
         if rules.quantize_residual_input:

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..compressor.calibration import PLACEMENT_KEY, TENSORS_KEY, CalibrationConfig, validate_calibration_config
-from ..compressor.config import QUANT_TYPES
+from ..compressor.config import QUANT_TYPES, is_matmul_site
 from ..compressor.fake_quant import is_integer_bits
 from ..compressor.model_io import ModelInputs
 from ..compressor.observers import NonFiniteTensorError
@@ -138,7 +138,11 @@ class PlacementMixin:
         lo, hi = self.point_ranges[key]
         if is_integer_bits(bits) and (math.isnan(float(lo)) or math.isnan(float(hi))):
             return None
-        return {"bits": bits, "scheme": scheme, "dtype": dtype, "tracked_min": float(lo), "tracked_max": float(hi)}
+        entry = {"bits": bits, "scheme": scheme, "dtype": dtype, "tracked_min": float(lo), "tracked_max": float(hi)}
+        tensor = self.point_plan.point_tensors.get(key) if self.point_plan is not None else None
+        if tensor is not None:  # a hint for the engine: the graph tensor it is (same exporter, same model)
+            entry["tensor"] = tensor
+        return entry
 
     def _complete_calibration(self: Quantizer, config: CalibrationConfig) -> CalibrationConfig:
         """``config`` (per-layer entries) completed with the placed tensors' ranges and the
@@ -166,6 +170,13 @@ class PlacementMixin:
                 entry.update({f"{qtype}_bits": t["bits"], f"tracked_min_{qtype}": t["tracked_min"],
                               f"tracked_max_{qtype}": t["tracked_max"], f"{qtype}_scheme": t["scheme"],
                               f"{qtype}_dtype": t["dtype"]})
+        for name, cfg in self.layer_configs.items():
+            key = plan.serves.get(name, {}).get("input")
+            if is_matmul_site(name) and key in tensors:
+                t = tensors[key]
+                config[name] = {"type": cfg.module_type, "input_bits": t["bits"], "tracked_min_input": t["tracked_min"],
+                                "tracked_max_input": t["tracked_max"], "input_scheme": t["scheme"],
+                                "input_dtype": t["dtype"]}
         kept = {n: e for n, e in config.items() if any(f"{q}_bits" in e for q in QUANT_TYPES)}
         for name in set(config) - set(kept):
             logger.warning("layer %s: %s", name, plan.notes.get(name, "none of its quantization could be placed"))

@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from ..compressor.calibration import (PLACEMENT_KEY, TENSORS_KEY, CalibrationConfig, layer_entries,
                                      load_calibration_config, validate_calibration_config)
-from ..compressor.config import WEIGHT_TYPES
+from ..compressor.config import WEIGHT_TYPES, is_matmul_site, matmul_scope
 from ..compressor.fake_quant import is_integer_bits
 from ..compressor.model_io import ModelInputs
 from ..compressor.wrapper import unwrapped_copy
@@ -248,7 +248,7 @@ class ModelSpeedup:
         config = dict(self.config or {})
         names = {n for n, _ in model.named_modules()}
         for name in layer_entries(config):
-            if name not in names:
+            if name not in names and not (is_matmul_site(name) and matmul_scope(name) in names):
                 close = difflib.get_close_matches(name, sorted(names), n=3)
                 raise ValueError(f"the config names layer {name!r}, which is not a module of the model"
                                  + (f"; close matches: {', '.join(close)}" if close else "")
@@ -281,7 +281,8 @@ class ModelSpeedup:
         tensors = config.get(TENSORS_KEY)
         if tensors is None:
             return None, None
-        located = locate_points(exported.model, calls, model, example, tensors, export)
+        located = locate_points(exported.model, calls, model, example, tensors, export,
+                                {k: v["tensor"] for k, v in tensors.items() if "tensor" in v})
         for key in located.missing:
             logger.warning("calibration tensor %s has no counterpart in this model's graph; it is not quantized "
                            "(calibrate this model again)", key)

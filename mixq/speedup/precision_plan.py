@@ -33,9 +33,11 @@ import torch.nn as nn
 from onnx import numpy_helper
 
 from ..compressor.calibration import CalibrationConfig, layer_entries
-from ..compressor.config import WEIGHT_TYPES
+from ..compressor.config import WEIGHT_TYPES, is_matmul_site, matmul_scope
 from ..compressor.fake_quant import (FP16_BITS, is_integer_bits, is_per_channel, is_symmetric, qparams_from_range,
                                      quant_range, quantize)
+from ..placement.onnx_graph import OnnxGraph
+from ..placement.scopes import matmul_nodes
 from .module_map import ModuleCall
 from .onnx_export import FoldedBatchNorm, bn_factor, weight_axis
 
@@ -580,6 +582,11 @@ def build_plan(model: onnx.ModelProto, calls: Mapping[str, List[ModuleCall]], fo
     planner = _Planner(model, calls, folded, torch_model)
     placed = planner.placed = points is not None
     for name, entry in layer_entries(config).items():
+        if is_matmul_site(name):  # activation x activation products: their operands are placed points
+            sites = matmul_nodes(OnnxGraph(model), calls, matmul_scope(name))
+            planner.plan.layers[name] = LayerPlan(name, "int8", sites, "" if sites else
+                                                  "no matrix product of two activations is computed there")
+            continue
         planner.add_layer(LayerSpec(name, entry, isinstance(torch_model.get_submodule(name), WEIGHT_TYPES)),
                           activations=not placed)
     for tensor, grid in (points or {}).items():
