@@ -82,8 +82,9 @@ def build_report(plan: PrecisionPlan, precisions: Mapping[str, str], backend: An
 
 
 def mac_summary(graph: OnnxGraph, precisions: Mapping[str, str]) -> Row:
-    """The summary row: multiply-accumulates per sample in integer kernels, of all."""
-    total = integer = unknown = 0
+    """The summary row: multiply-accumulates per sample in integer kernels, of all, and of the
+    layers with stored weights (Conv/Linear; attention's products of two activations aside)."""
+    total = integer = unknown = weighted = weighted_integer = 0
     for node in graph.nodes:
         if node.op_type not in WEIGHTED_OPS:
             continue
@@ -92,12 +93,18 @@ def mac_summary(graph: OnnxGraph, precisions: Mapping[str, str]) -> Row:
         state = precisions.get(node.name, "unknown")
         integer += macs if state == "int8" else 0
         unknown += macs if state == "unknown" else 0
+        if graph.weight_initializer(node) is not None:
+            weighted += macs
+            weighted_integer += macs if state == "int8" else 0
     share = integer / total if total else 0.0
     reason = f"{integer / 1e6:.1f} of {total / 1e6:.1f} M multiply-accumulates per sample run in integer kernels"
+    if weighted != total:
+        reason += f" ({weighted_integer / 1e6:.1f} of {weighted / 1e6:.1f} M of the layers with weights)"
     if unknown:
         reason += f"; {unknown / 1e6:.1f} M unknown"
     return {"kind": "summary", "layer": "(all)", "requested": "", "actual": f"{share:.1%} int8", "reason": reason,
-            "integer_mac_share": share, "macs": total}
+            "integer_mac_share": share, "macs": total,
+            "weight_mac_share": weighted_integer / weighted if weighted else 0.0}
 
 
 def layer_rows(report: List[Row]) -> List[Row]:
