@@ -270,15 +270,16 @@ def test_dynamic_engine_matches_the_quantizers_simulation(bert):
     quantizer.compress()
     engine = ModelSpeedup(wrapped, dummy_input=tokens(0), config=quantizer.calibration_config(),
                           num_threads=2).compress()
-    data = {k: torch.cat([tokens(s)[k] for s in range(3, 7)]) for k in ("input_ids", "attention_mask")}
-    with torch.no_grad():
-        simulated = wrapped(**data).logits
-        fp32 = bert(**data).logits
-    out = engine.inference(data)[0].logits
-    scale = simulated.abs().max()
-    assert (out - simulated).abs().max() <= 0.02 * scale, ((out - simulated).abs().max(), scale)
-    assert (out - simulated).abs().max() < (fp32 - simulated).abs().max()  # closer to its simulation than to fp32
-    assert cosine(out, fp32) >= 0.99
+    # one engine batch at a time: the run-time scale is per tensor, so it depends on the batch's content
+    for seed in range(3, 6):
+        data = tokens(seed)
+        with torch.no_grad():
+            simulated, fp32 = wrapped(**data).logits, bert(**data).logits
+        out = engine.inference(data)[0].logits
+        quantization = (fp32 - simulated).abs().max()
+        assert (out - simulated).abs().max() <= 1e-4 * simulated.abs().max()
+        assert (out - simulated).abs().max() <= 1e-2 * quantization  # the simulation, not the float model
+        assert cosine(out, fp32) >= 0.99
     kernels = weighted_matmuls(engine._engine.optimized_model)
     assert len(kernels) == len(linear_names(bert)) and set(kernels.values()) <= DYNAMIC_KERNELS, kernels
     assert {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"} & set(kernels.values())
