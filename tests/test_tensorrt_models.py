@@ -10,7 +10,6 @@ transformer models run under ``-m slow`` when their modules exist.
 from __future__ import annotations
 
 import copy
-import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -95,6 +94,7 @@ class ModelCase:
     mixed: ConfigFn = generic_mixed
     marks: Tuple = field(default_factory=tuple)
     slow: Tuple[str, ...] = ()  # precisions that run only under -m slow
+    inputs: Optional[Callable[[int], Dict[str, torch.Tensor]]] = None  # keyword inputs (token ids...) of n samples
 
     def precisions(self) -> Dict[str, Precision]:
         return {"fp32": Precision(), "fp16": Precision(extra_layer_bits=16), "int8": Precision(self.int8),
@@ -112,14 +112,30 @@ def _zoo(name: str, size: int = 64) -> ModelCase:
     return ModelCase(make, (1, 3, size, size), marks=(pytest.mark.slow,))
 
 
-def _transformer(module: str, factory: str, shape: Tuple[int, ...]) -> ModelCase:
-    """A transformer model (BERT/ViT) once a module provides it, under ``-m slow``."""
+def _hf_bert() -> ModelCase:
+    """A small Hugging Face BERT (token ids and attention mask in), under ``-m slow``."""
     def make() -> nn.Module:
-        try:
-            return getattr(importlib.import_module(module), factory)()
-        except (ImportError, AttributeError):
-            pytest.skip(f"{module}.{factory} does not exist yet")
-    return ModelCase(make, shape, marks=(pytest.mark.slow,))
+        transformers = pytest.importorskip("transformers")
+        config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=128, vocab_size=128)
+        return transformers.BertForSequenceClassification(config)
+
+    def inputs(n: int) -> Dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        mask = torch.ones(n, 16, dtype=torch.long)
+        mask[:, 12:] = 0
+        return {"input_ids": torch.randint(0, 128, (n, 16), generator=gen), "attention_mask": mask}
+    return ModelCase(make, (1, 16), marks=(pytest.mark.slow,), inputs=inputs)
+
+
+def _hf_vit() -> ModelCase:
+    """A small Hugging Face ViT (pixel values in), under ``-m slow``."""
+    def make() -> nn.Module:
+        transformers = pytest.importorskip("transformers")
+        return transformers.ViTForImageClassification(transformers.ViTConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
+            patch_size=8, num_labels=10))
+    return ModelCase(make, (1, 3, 32, 32), marks=(pytest.mark.slow,))
 
 
 MODELS: Dict[str, ModelCase] = {
@@ -132,7 +148,8 @@ MODELS: Dict[str, ModelCase] = {
     "efficientnet_b0": _zoo("efficientnet_b0"),
     "densenet_small": _zoo("densenet_small"),
     "googlenet": _zoo("googlenet"),
-    "vit": _transformer("mixq.zoo.vit", "vit_tiny", (1, 3, 32, 32)),
+    "bert": _hf_bert(),
+    "vit": _hf_vit(),
 }
 CASES = [pytest.param(model, precision, id=f"{model}-{precision}",
                       marks=case.marks + ((pytest.mark.slow,) if precision in case.slow else ()))
@@ -149,25 +166,27 @@ def _images(shape: Tuple[int, ...], n: int = 4) -> torch.Tensor:
 
 
 def tensorrt_annotated(model: nn.Module, input_shape: Tuple[int, ...], precision: Precision,
-                       tmp_path) -> Tuple[onnx.ModelProto, Dict[str, List[str]], dict]:
+                       tmp_path, inputs: Optional[Callable[[int], Dict[str, torch.Tensor]]] = None
+                       ) -> Tuple[onnx.ModelProto, Dict[str, List[str]], dict]:
     """The annotated graph ModelSpeedup(backend='tensorrt') hands to the backend, the plan's
     ``{layer: [nodes]}`` and the calibration config. Without tensorrt the build stops at
     ``check_available`` (a graph TensorRT would refuse, at the backend's CPU check), after the
     graph is written to ``onnx_path``."""
-    images = _images(input_shape)
+    images = inputs(4) if inputs is not None else _images(input_shape)
     config = None
     config_list = precision.config(model) if precision.config else None
     if config_list:
         model = copy.deepcopy(model).eval()
         quantizer = ObserverQuantizer(model, config_list, **_TENSORRT_PLACEMENT)
         with torch.no_grad():
-            model(images)
+            model(**images) if isinstance(images, dict) else model(images)
         quantizer.compress()
         config = quantizer.calibration_config()
     onnx_path = tmp_path / "annotated.onnx"
-    speedup = ModelSpeedup(model, (4,) + tuple(input_shape[1:]), config=config, backend="tensorrt",
-                           onnx_path=str(onnx_path), extra_layer_bits=precision.extra_layer_bits,
-                           calib_data_loader=[images] if precision.extra_layer_bits == 8 else None)
+    shape = dict(dummy_input=images) if inputs is not None else dict(input_shape=(4,) + tuple(input_shape[1:]))
+    speedup = ModelSpeedup(model, config=config, backend="tensorrt", onnx_path=str(onnx_path),
+                           extra_layer_bits=precision.extra_layer_bits,
+                           calib_data_loader=[images] if precision.extra_layer_bits == 8 else None, **shape)
     try:
         speedup.compress()
     except (BackendUnavailable, TensorRTConformanceError):  # the graph is written before either
@@ -175,12 +194,14 @@ def tensorrt_annotated(model: nn.Module, input_shape: Tuple[int, ...], precision
     return onnx.load(str(onnx_path)), speedup.plan.layer_nodes(), config or {}
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+def _run(model: onnx.ModelProto, x) -> np.ndarray:
+    """The first output of ``model`` on ``x`` (an array for the one input, or a dict by input name)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
+    feeds = x if isinstance(x, dict) else {session.get_inputs()[0].name: x}
+    return session.run(None, feeds)[0]
 
 
 def _int32_dequantize(model: onnx.ModelProto) -> List[str]:
@@ -201,7 +222,7 @@ def test_tensorrt_annotated_graph_conforms(model_name, precision_name, tmp_path)
     torch.manual_seed(0)
     model = case.make().eval()
     precision = case.precisions()[precision_name]
-    annotated, layer_nodes, config = tensorrt_annotated(model, case.input_shape, precision, tmp_path)
+    annotated, layer_nodes, config = tensorrt_annotated(model, case.input_shape, precision, tmp_path, case.inputs)
 
     prepared = prepare_for_tensorrt(annotated, layer_nodes, config=config)  # raises, naming layers
     assert check_tensorrt_graph(prepared, layer_nodes) == []
@@ -212,7 +233,7 @@ def test_tensorrt_annotated_graph_conforms(model_name, precision_name, tmp_path)
             assert {v.rule for v in check_tensorrt_graph(annotated, layer_nodes)} == {"dq-input-type"}
     if precision_name == "fp16":
         assert any(n.op_type == "Cast" for n in prepared.graph.node)
-    x = _images(case.input_shape, n=3).numpy()
+    x = {k: v.numpy() for k, v in case.inputs(3).items()} if case.inputs else _images(case.input_shape, n=3).numpy()
     before, after = _run(annotated, x), _run(prepared, x)
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * float(np.abs(before).max()))
 
