@@ -11,7 +11,8 @@ import onnx
 import pytest
 from qdq_graphs import op_types, optimized_graph
 
-from mixq.speedup.backends.onnxruntime import DISABLED_OPTIMIZERS, INTEGER_KERNELS
+from mixq.speedup.backends.onnxruntime import DISABLED_OPTIMIZERS
+from mixq.speedup.backends.ort_precision import INTEGER_KERNELS
 from mixq.speedup.engine_file import read_engine_file
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,8 +13,9 @@ import torch
 from onnx import TensorProto, numpy_helper
 from qdq_graphs import QDQGraph, op_types, optimized_graph, random_conv, run
 
-from mixq.speedup.backends.onnxruntime import (DISABLED_OPTIMIZERS, INTEGER_KERNELS, _Refiner,
-                                               node_precisions_from_optimized, refine_for_onnxruntime)
+from mixq.speedup.backends.onnxruntime import DISABLED_OPTIMIZERS
+from mixq.speedup.backends.ort_precision import INTEGER_KERNELS, node_precisions_from_optimized
+from mixq.speedup.backends.ort_refiner import _Refiner, refine_for_onnxruntime
 
 IN_SCALE, ACT_SCALE = 1 / 255, 0.05
 U8_ZERO = -128  # an affine uint8 range starting at 0, as the annotation writes it (int8 zero point)

@@ -11,7 +11,7 @@ from mixq.datasets import load_cifar10
 from mixq.models import resnet18_cifar
 from mixq.quantizers import ObserverQuantizer, QAT_Quantizer
 from mixq.speedup import ModelSpeedup
-from mixq.speedup.backends.onnxruntime import INTEGER_KERNELS
+from mixq.speedup.backends.ort_precision import INTEGER_KERNELS
 from mixq.speedup.precision_report import layer_rows
 
 NNI_MNIST_CONFIG = [

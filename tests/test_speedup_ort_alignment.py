@@ -13,7 +13,7 @@ import torch.nn as nn
 from mixq.compressor import unwrapped_copy
 from mixq.quantizers import ObserverQuantizer
 from mixq.speedup import ModelSpeedup
-from mixq.speedup.backends.onnxruntime import refine_for_onnxruntime
+from mixq.speedup.backends.ort_refiner import refine_for_onnxruntime
 from mixq.speedup.backends.ort_space_to_depth import phase_weights
 from mixq.speedup.module_map import module_calls
 from mixq.speedup.onnx_export import export_onnx
