@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import logging
 
-import numpy as np
 import onnx
 import pytest
 import torch
