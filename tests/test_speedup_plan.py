@@ -9,7 +9,9 @@ from mixq.compressor.fake_quant import dequantize, qparams_from_range, quant_ran
 from mixq.quantizers import ObserverQuantizer
 from mixq.speedup.module_map import module_calls
 from mixq.speedup.onnx_export import FoldedBatchNorm, conv_bn_pairs, export_onnx
-from mixq.speedup.precision_plan import Grid, build_plan, choose_folds, grid_from_range, weight_codes
+from mixq.speedup.grid import Grid, grid_from_range
+from mixq.speedup.precision_plan import build_plan
+from mixq.speedup.weight_codes import choose_folds, weight_codes
 
 
 @pytest.mark.parametrize("bits, scheme, dtype", [(8, "per_tensor_symmetric", "int"), (8, "per_tensor_symmetric", "uint"),

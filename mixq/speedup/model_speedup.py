@@ -51,7 +51,9 @@ from .module_map import module_calls
 from .onnx_export import DEFAULT_EXPORTER, conv_bn_pairs, export_onnx
 from .onnx_qdq import annotate
 from ..placement.locate import locate_points
-from .precision_plan import PrecisionPlan, build_plan, choose_folds, grid_from_range
+from .grid import grid_from_range
+from .precision_plan import PrecisionPlan, build_plan
+from .weight_codes import choose_folds
 from .precision_report import build_report
 
 logger = logging.getLogger(__name__)

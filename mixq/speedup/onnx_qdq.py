@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .precision_plan import Grid, PrecisionPlan
+from .grid import Grid
+from .precision_plan import PrecisionPlan
 
 MIN_OPSET = 13  # per-channel QuantizeLinear / DequantizeLinear
 _INT32_LIMIT = 2 ** 31 - 1

@@ -297,7 +297,7 @@ def calibration_violations(config: Mapping[str, Any]) -> List[Violation]:
     a non-zero zero point in int8 storage (an affine grid; a symmetric uint grid is exactly the
     int8 one), named with the config keys to change. Exact where the graph check can only say
     which layers a Q/DQ node sits between (a grid derived along a chain shows up on both)."""
-    from ..precision_plan import grid_from_range  # the grid the plan writes for a tracked range
+    from ..grid import grid_from_range  # the grid the plan writes for a tracked range
 
     found = []
     for layer, entry in config.items():
