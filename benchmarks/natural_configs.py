@@ -24,11 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ort_baseline import TimedEngine, time_round_robin  # noqa: E402
-from speedup import AFFINE_U8, calibrate, mnist_config, resnet_config  # noqa: E402
+from speedup import AFFINE_U8, calibrate, mnist_config, resnet_config, resnet_with_data_bn, trained_mnist  # noqa: E402
 from zoo import cpu_name  # noqa: E402
 
-from mixq.datasets import load_cifar10, load_mnist, shared_data_dir  # noqa: E402
-from mixq.models import MnistNet, resnet18_cifar, train_epochs  # noqa: E402
+from mixq.datasets import load_mnist  # noqa: E402
 from mixq.speedup import ModelSpeedup  # noqa: E402
 from mixq.speedup.precision_report import layer_rows, summary_row  # noqa: E402
 from mixq.table import format_table  # noqa: E402
@@ -79,23 +78,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.manual_seed(0)
-    (mx, my), _, _ = load_mnist()
-    mnist = MnistNet()
-    train_epochs(mnist, mx[:4000], my[:4000], epochs=1)
-    mnist.eval()
-    root = shared_data_dir()
-    try:
-        (cx, _), _ = load_cifar10(root) if root else (None, None)
-        calib, source = cx[:512], "real CIFAR-10 images"
-    except Exception:  # missing data: latency does not depend on it
-        calib, source = torch.randn(512, 3, 32, 32), "random data (CIFAR-10 not found)"
-    resnet = resnet18_cifar()
-    with torch.no_grad():
-        resnet.train()
-        for i in range(0, len(calib), 128):
-            resnet(calib[i:i + 128])
-    resnet.eval()
+    mnist, mx, (resnet, calib, source) = trained_mnist(), load_mnist()[0][0], resnet_with_data_bn()
     print(f"{cpu_name()}, {args.threads} threads, batch {args.batch}; each engine in its own process, best of "
           f"{args.rounds} round-robin rounds; ResNet-18 calibrated on {source}")
     rows: List[Dict[str, object]] = []

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -159,6 +159,33 @@ def child(kind: str, path: str, shape: List[int], runs: int, warmup: int, thread
     print(json.dumps({"median_s": float(np.median(times))}))
 
 
+def trained_mnist() -> MnistNet:
+    """The MNIST model after one short epoch on 4,000 vendored images (seeded)."""
+    torch.manual_seed(0)
+    (mx, my), _, _ = load_mnist()
+    mnist = MnistNet()
+    train_epochs(mnist, mx[:4000], my[:4000], epochs=1)
+    return mnist.eval()
+
+
+def resnet_with_data_bn() -> Tuple[torch.nn.Module, torch.Tensor, str]:
+    """The CIFAR ResNet-18 with random weights and BatchNorm statistics of 512 real CIFAR-10
+    images (random data where CIFAR-10 is missing: timing does not depend on it), the images,
+    and where they came from."""
+    root = shared_data_dir()
+    try:
+        (cx, _), _ = load_cifar10(root) if root else (None, None)
+        calib, source = cx[:512], "real CIFAR-10 images"
+    except Exception:  # missing or unreadable data
+        calib, source = torch.randn(512, 3, 32, 32), "random data (CIFAR-10 not found)"
+    resnet = resnet18_cifar()
+    with torch.no_grad():
+        resnet.train()
+        for i in range(0, len(calib), 128):
+            resnet(calib[i:i + 128])
+    return resnet.eval(), calib, source
+
+
 # ---------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------
@@ -264,22 +291,7 @@ def main() -> None:
         parser.error("--runs must be at least 20")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    (mx, my), _, _ = load_mnist()
-    mnist = MnistNet()
-    train_epochs(mnist, mx[:4000], my[:4000], epochs=1)
-    mnist.eval()
-    root = shared_data_dir()
-    try:
-        (cx, _), _ = load_cifar10(root) if root else (None, None)
-        calib, source = cx[:512], "real CIFAR-10 images"
-    except Exception:  # missing or unreadable data: timing does not depend on it
-        calib, source = torch.randn(512, 3, 32, 32), "random data (CIFAR-10 not found)"
-    resnet = resnet18_cifar().eval()
-    with torch.no_grad():  # random weights, but BN statistics of real data
-        resnet.train()
-        for i in range(0, len(calib), 128):
-            resnet(calib[i:i + 128])
-        resnet.eval()
+    mnist, mx, (resnet, calib, source) = trained_mnist(), load_mnist()[0][0], resnet_with_data_bn()
     print(f"# batch {args.batch}, {args.threads} threads, median of >= {args.runs} runs after {args.warmup}, lowest of "
           f"{args.rounds} round-robin rounds; each engine in its own process; ResNet-18 calibrated on {source}; activations u8 affine, "
           "weights s8 per-channel symmetric (as ONNX Runtime's quantize_static)")
