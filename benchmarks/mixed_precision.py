@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from mixq.compressor import auto_mixed_precision, format_sensitivity_table, keep_float_layers, layer_sensitivity
+from mixq.search import auto_mixed_precision, format_sensitivity_table, keep_float_layers, layer_sensitivity
 from mixq.datasets import load_cifar10, shared_data_dir
 from mixq.models import resnet20_cifar
 from mixq.quantizers import ObserverQuantizer

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixq.compressor import (LayerSensitivity, QuantizerModuleWrapper, auto_mixed_precision, format_sensitivity_table,
-                             layer_costs, layer_sensitivity)
+from mixq.compressor import QuantizerModuleWrapper
+from mixq.search import (LayerSensitivity, auto_mixed_precision, format_sensitivity_table, layer_costs,
+                         layer_sensitivity)
 from mixq.datasets import load_cifar10
 from mixq.models import accuracy, resnet20_cifar
 from mixq.quantizers import ObserverQuantizer

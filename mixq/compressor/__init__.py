@@ -7,12 +7,9 @@ from .observers import (MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver
                         PercentileObserver)
 from .quantizer import Quantizer
 from .wrapper import QuantizerModuleWrapper, unwrapped_copy
-from .mixed_precision import (LayerSensitivity, auto_mixed_precision, format_sensitivity_table, keep_float_layers,
-                              layer_costs, layer_sensitivity)
 
 __all__ = ["Quantizer", "QuantGrad", "QuantizerModuleWrapper", "unwrapped_copy", "ConfigError", "LayerQuantConfig",
            "CalibrationConfig", "CalibrationError", "load_calibration_config", "save_calibration_config",
            "validate_calibration_config", "fake_quantize", "qparams_from_range", "quant_range",
            "MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver",
-           "NonFiniteTensorError", "layer_sensitivity", "auto_mixed_precision", "LayerSensitivity",
-           "format_sensitivity_table", "keep_float_layers", "layer_costs"]
+           "NonFiniteTensorError"]

@@ -16,6 +16,12 @@ import torch
 import torch.nn as nn
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's parameters live (the CPU for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class ModelInputs:
     """Positional and keyword tensors of one model call (keywords in the forward's order)."""

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from ..compressor.calibration import CalibrationConfig
 from ..compressor.config import ConfigError, ConfigListSpec
 from ..compressor.fake_quant import is_integer_bits, is_per_channel, is_symmetric, qparams_from_range, quant_range
+from ..compressor.model_io import model_device
 from ..compressor.observers import MSEObserver
 from ..compressor.quantizer import Quantizer, weight_axis
 from ..compressor.wrapper import QuantizerModuleWrapper
@@ -123,17 +124,13 @@ class ReconstructionQuantizer(Quantizer):
         self._adarounds: Dict[str, AdaRound] = {}
         self._training: Dict[Tuple[str, str], MultiBitActivation] = {}
         self.activations = self._make_activation_quantizers()
-        example = self.calib_data[:2].to(self._device())
+        example = self.calib_data[:2].to(model_device(self.bound_model))
         self._attach_batchnorms(example)
         self.units = units_from_names(model, blocks) if blocks is not None else find_units(model, example)
 
     @classmethod
     def config_spec(cls) -> ConfigListSpec:
         return ConfigListSpec(quantizer=cls.__name__)
-
-    def _device(self) -> torch.device:
-        param = next(self.bound_model.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
 
     def _make_activation_quantizers(self) -> Dict[Tuple[str, str], MultiBitActivation]:
         acts = {}
@@ -146,7 +143,7 @@ class ReconstructionQuantizer(Quantizer):
                 bits: Tuple[int, ...] = (cfg.bits[qtype],)
                 if self.activation_bits is not None and cfg.bits[qtype] < FIXED_ACTIVATION_BITS:
                     bits, multi = self.activation_bits, True
-                acts[(name, qtype)] = MultiBitActivation(bits, cfg.scheme[qtype], cfg.dtype[qtype]).to(self._device())
+                acts[(name, qtype)] = MultiBitActivation(bits, cfg.scheme[qtype], cfg.dtype[qtype]).to(model_device(self.bound_model))
         if self.activation_bits is not None and not multi:
             raise ConfigError("activation_bits applies to activations configured below 8 bits, and this config_list "
                               "quantizes none; set their 'quant_bits' below 8 or drop activation_bits")
@@ -216,7 +213,7 @@ class ReconstructionQuantizer(Quantizer):
         was_training = model.training
         frozen = [p for p in model.parameters() if p.requires_grad]  # only rounding and ranges are trained
         model.eval()
-        device = self._device()
+        device = model_device(self.bound_model)
         try:
             for param in frozen:
                 param.requires_grad_(False)
