@@ -342,7 +342,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # HF's masking code makes the tracer warn; the export check compares the graph with the model anyway
-    logging.getLogger("mixq.speedup.export_check").setLevel(logging.ERROR)
+    logging.getLogger("mixq.placement.export_check").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     print(f"{cpu_model()}; {args.threads} threads; batch {BATCH} (BERT: sequence {SEQ}; ViT: {IMAGE}x{IMAGE}, "
           f"{image_source()} images); each engine in its own process, best of {args.rounds} round-robin rounds")

@@ -12,7 +12,7 @@ import torch
 
 from mixq.datasets import load_mnist, shared_data_dir
 from mixq.models import MnistNet, accuracy, train_epochs
-from mixq.speedup.onnx_export import DYNAMO_INSTALL_HINT
+from mixq.placement.onnx_export import DYNAMO_INSTALL_HINT
 
 HAS_ONNXSCRIPT = importlib.util.find_spec("onnxscript") is not None
 

@@ -7,7 +7,7 @@ import torch
 
 from mixq.models import MnistNet
 from mixq.speedup import ModelSpeedup
-from mixq.speedup.onnx_export import export_onnx
+from mixq.placement.onnx_export import export_onnx
 
 INSTALL = r'exporter=.dynamo. needs the onnxscript package: pip install "mixq\[dynamo\]" ' \
           r'\(from a source checkout: pip install -e "\.\[dynamo\]"\)'

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 
 from mixq.speedup import ModelSpeedup
-from mixq.speedup.export_check import ExportMismatchError, verification_batches
-from mixq.speedup.onnx_export import export_onnx, quiet_export
+from mixq.placement.export_check import ExportMismatchError, verification_batches
+from mixq.placement.onnx_export import export_onnx, quiet_export
 
 
 class NoExport(nn.Module):
@@ -131,7 +131,7 @@ class TracedFine(nn.Module):
 
 
 def test_a_tracer_warning_on_a_correct_graph_is_logged(caplog):
-    with caplog.at_level(logging.WARNING, logger="mixq.speedup.export_check"):
+    with caplog.at_level(logging.WARNING, logger="mixq.placement.export_check"):
         exported = export_onnx(TracedFine().eval(), (torch.randn(2, 8),), {})
     assert exported.model.graph.node
     assert any("the ONNX exporter warned" in r.getMessage() and "Python boolean" in r.getMessage()

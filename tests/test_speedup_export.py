@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from mixq.models import MnistNet, resnet20_cifar
-from mixq.speedup.module_map import module_calls
-from mixq.speedup.onnx_export import EXPORTERS, conv_bn_pairs, export_onnx
+from mixq.placement.module_map import module_calls
+from mixq.placement.onnx_export import EXPORTERS, conv_bn_pairs, export_onnx
 
 
 class Shared(nn.Module):

@@ -15,8 +15,8 @@ from mixq.quantizers import ObserverQuantizer
 from mixq.speedup import ModelSpeedup
 from mixq.speedup.backends.ort_refiner import refine_for_onnxruntime
 from mixq.speedup.backends.ort_space_to_depth import phase_weights
-from mixq.speedup.module_map import module_calls
-from mixq.speedup.onnx_export import export_onnx
+from mixq.placement.module_map import module_calls
+from mixq.placement.onnx_export import export_onnx
 from mixq.speedup.onnx_qdq import annotate
 from mixq.speedup.precision_plan import build_plan
 

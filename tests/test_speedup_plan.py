@@ -7,8 +7,8 @@ import torch.nn as nn
 
 from mixq.compressor.fake_quant import dequantize, qparams_from_range, quant_range, quantize
 from mixq.quantizers import ObserverQuantizer
-from mixq.speedup.module_map import module_calls
-from mixq.speedup.onnx_export import FoldedBatchNorm, conv_bn_pairs, export_onnx
+from mixq.placement.module_map import module_calls
+from mixq.placement.onnx_export import FoldedBatchNorm, conv_bn_pairs, export_onnx
 from mixq.speedup.grid import Grid, grid_from_range
 from mixq.speedup.precision_plan import build_plan
 from mixq.speedup.weight_codes import choose_folds, weight_codes

@@ -9,8 +9,8 @@ from onnx import TensorProto, numpy_helper
 from mixq.models import MnistNet
 from mixq.quantizers import ObserverQuantizer
 from mixq.speedup.backends.ort_refiner import refine_for_onnxruntime
-from mixq.speedup.module_map import module_calls
-from mixq.speedup.onnx_export import export_onnx
+from mixq.placement.module_map import module_calls
+from mixq.placement.onnx_export import export_onnx
 from mixq.speedup.onnx_qdq import annotate, dequantize_bias
 from mixq.speedup.precision_plan import build_plan
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from .model_io import ModelInputs
+from .wrapped import is_wrapper
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -20,8 +21,6 @@ def find_conv_bn_pairs(model: nn.Module, dummy_input: Any) -> Dict[str, str]:
     with hooks that compare tensor identity, so no assumption is made about module order.
     A conv wrapped by a quantizer is reported under the wrapper's name.
     """
-    from .wrapper import QuantizerModuleWrapper
-
     conv_outputs: Dict[int, tuple] = {}
     bn_inputs: Dict[str, torch.Tensor] = {}
     handles = []
@@ -36,9 +35,9 @@ def find_conv_bn_pairs(model: nn.Module, dummy_input: Any) -> Dict[str, str]:
             bn_inputs[name] = inputs[0]
         return hook
 
-    wrapped = {id(m.module) for m in model.modules() if isinstance(m, QuantizerModuleWrapper)}
+    wrapped = {id(m.module) for m in model.modules() if is_wrapper(m)}
     for name, module in model.named_modules():
-        inner = module.module if isinstance(module, QuantizerModuleWrapper) else module
+        inner = module.module if is_wrapper(module) else module
         if isinstance(inner, _CONVS) and id(module) not in wrapped:
             handles.append(module.register_forward_hook(conv_hook(name, inner.out_channels)))
         elif isinstance(module, _BNS):

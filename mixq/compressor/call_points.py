@@ -23,10 +23,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .model_io import ModelInputs
+from .wrapped import is_wrapper
 
 PointKey = str
 # Called with (key, tensor); returns the tensor to use from then on (the same one to only look).
@@ -204,17 +204,15 @@ class CallPoints:
         return hook
 
     def _install(self, skip: Sequence[nn.Module]) -> None:
-        from .wrapper import QuantizerModuleWrapper
-
         skipped = {id(m) for m in skip}
-        inner = {id(m.module) for m in self.model.modules() if isinstance(m, QuantizerModuleWrapper)}
+        inner = {id(m.module) for m in self.model.modules() if is_wrapper(m)}
         root = self.model
         self._handles.append(root.register_forward_pre_hook(self._hook(self._root_pre), with_kwargs=True))
         self._handles.append(root.register_forward_hook(self._hook(self._root_post), always_call=True))
         for name, module in root.named_modules():
             if not name or id(module) in inner or id(module) in skipped:
                 continue
-            atomic = isinstance(module, QuantizerModuleWrapper) or not any(True for _ in module.children())
+            atomic = is_wrapper(module) or not any(True for _ in module.children())
             self._handles.append(module.register_forward_pre_hook(self._hook(self._pre(name, module, atomic)),
                                                                   with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._hook(self._post(name, module)), always_call=True))

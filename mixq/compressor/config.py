@@ -15,6 +15,7 @@ from schema import And, Or, Schema, SchemaError
 from schema import Optional as Opt
 
 from ..short_repr import short_repr
+from .wrapped import is_wrapper
 from .fake_quant import DTYPES, SCHEMES, is_per_channel, is_symmetric
 
 QUANT_TYPES = ("weight", "input", "output")
@@ -192,7 +193,7 @@ class ConfigListSpec:
         if op_types and MATMUL in op_types:  # matrix products of two activations, by module scope
             matched += [matmul_site(scope) for scope in (op_names or [""])]
         for name, module in modules.items():
-            if not name or isinstance(module, _wrapper_types()):
+            if not name or is_wrapper(module):
                 continue
             if "op_names" in entry and name not in op_names:
                 continue
@@ -292,7 +293,3 @@ def _type_matches(module: nn.Module, op_types: List[str]) -> bool:
         return True
     return any(cls.__name__ in op_types for cls in type(module).__mro__ if cls not in (nn.Module, object))
 
-
-def _wrapper_types() -> tuple:
-    from .wrapper import QuantizerModuleWrapper
-    return (QuantizerModuleWrapper,)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.nn as nn
@@ -12,8 +12,6 @@ from .call_points import strip_hooks
 from .config import LayerQuantConfig
 from .observers import NonFiniteTensorError
 
-if TYPE_CHECKING:
-    from .quantizer import Quantizer
 
 
 class QuantizerModuleWrapper(nn.Module):
@@ -24,7 +22,9 @@ class QuantizerModuleWrapper(nn.Module):
     follow the model across devices and state dicts.
     """
 
-    def __init__(self, module: nn.Module, name: str, config: LayerQuantConfig, quantizer: "Quantizer") -> None:
+    is_mixq_wrapper = True  # the class marker mixq.compressor.wrapped.is_wrapper reads
+
+    def __init__(self, module: nn.Module, name: str, config: LayerQuantConfig, quantizer: Any) -> None:
         super().__init__()
         self.module = module
         self.name = name
@@ -51,7 +51,7 @@ class QuantizerModuleWrapper(nn.Module):
             return getattr(module, name)
 
     @property
-    def quantizer(self) -> "Quantizer":
+    def quantizer(self) -> Any:
         """The quantizer that wrapped this layer."""
         return self.__dict__["_quantizer"]
 
@@ -94,7 +94,7 @@ class QuantizerModuleWrapper(nn.Module):
             raise NonFiniteTensorError(f"layer {self.name!r}: {exc}") from None
         return out
 
-    def _forward_weight(self, q: "Quantizer", args: tuple, kwargs: dict) -> torch.Tensor:
+    def _forward_weight(self, q: Any, args: tuple, kwargs: dict) -> torch.Tensor:
         qweight = q.quantize_weight(self, self.effective_weight())
         if self.__dict__["bn"] is None:
             return functional_call(self.module, {"weight": qweight}, args, kwargs)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..compressor.call_points import PointKey, key_module, trace_points
 from ..compressor.model_io import ModelInputs
-from ..speedup.module_map import ModuleCall
+from .module_map import ModuleCall
 from .matching import _close, find_tensor, onnx_tensor_values, probe_copy, probe_inputs
 from .onnx_graph import OnnxGraph
 

@@ -19,8 +19,8 @@ from ..compressor.call_points import PointKey, trace_points
 from ..compressor.config import WEIGHT_TYPES, is_matmul_site, matmul_scope
 from ..compressor.fake_quant import is_integer_bits
 from ..compressor.model_io import ModelInputs
-from ..speedup.module_map import ModuleCall, module_calls
-from ..speedup.onnx_export import DEFAULT_EXPORTER, conv_bn_pairs, export_onnx
+from .module_map import module_calls
+from .onnx_export import DEFAULT_EXPORTER, conv_bn_pairs, export_onnx
 from .matching import match_input, match_tensors, onnx_tensor_values, probe_copy, probe_inputs
 from .onnx_graph import WEIGHTED_OPS, OnnxGraph
 from .scopes import matmul_nodes, module_tree_nodes

@@ -20,6 +20,7 @@ Quantized Types"). Grids are symmetric int8 (zero point 0).
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Dict, FrozenSet
 
@@ -76,6 +77,24 @@ TENSORRT = OpRules(
 )
 
 RULES: Dict[str, OpRules] = {r.backend: r for r in (ONNXRUNTIME, TENSORRT)}
+
+
+def tensorrt_usable() -> bool:
+    """Whether TensorRT can build here: its package imports and a CUDA device exists (a broken
+    install counts as absent)."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return False
+    try:
+        import tensorrt  # noqa: F401
+        import torch
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+def auto_backend() -> str:
+    """What ``backend='auto'`` means here: TensorRT where it can build, else ONNX Runtime."""
+    return "tensorrt" if tensorrt_usable() else "onnxruntime"
 
 
 def rules_for(backend: str) -> OpRules:

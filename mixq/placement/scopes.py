@@ -8,7 +8,7 @@ from .onnx_graph import OnnxGraph
 
 def module_tree_nodes(calls: Mapping[str, Sequence[Any]], name: str) -> Set[str]:
     """Nodes of module ``name`` and of every module under it (``calls``: module -> its calls,
-    each with ``.nodes``, as :func:`mixq.speedup.module_map.module_calls` gives them)."""
+    each with ``.nodes``, as :func:`mixq.placement.module_map.module_calls` gives them)."""
     prefix = name + "."
     return {n for module, cs in calls.items() if module == name or module.startswith(prefix) for c in cs for n in c.nodes}
 

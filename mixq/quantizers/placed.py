@@ -24,6 +24,7 @@ from ..compressor.observers import NonFiniteTensorError
 from ..compressor.quantizer import Quantizer
 from ..compressor.wrapper import unwrapped_copy
 from ..placement.model_placement import LayerIntent, PointPlan, plan_points
+from ..placement.op_rules import auto_backend
 from ..placement.policy import PointSpec
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,7 @@ def resolve_placement_backend(backend: Optional[str]) -> Optional[str]:
     if backend is None:
         return None
     if backend == "auto":
-        from ..speedup.backends import resolve_backend_name
-        return resolve_backend_name("auto")
+        return auto_backend()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, 'auto' or None, got {backend!r}")
     return backend

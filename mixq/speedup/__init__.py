@@ -8,7 +8,7 @@ layer, the precision that actually runs.
 from .backends import available_backends, get_backend
 from .backends.base import BackendUnavailable, BuildOptions, EngineFormatError
 from .model_speedup import ModelSpeedup, ModelSpeedupTensorRT
-from .onnx_export import EXPORTERS
+from ..placement.onnx_export import EXPORTERS
 
 __all__ = ["ModelSpeedup", "ModelSpeedupTensorRT", "BackendUnavailable", "BuildOptions", "EngineFormatError",
            "EXPORTERS", "available_backends", "get_backend"]

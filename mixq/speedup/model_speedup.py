@@ -46,9 +46,10 @@ from .backends.base import Backend, BuildOptions, Engine, EngineFormatError
 from .engine_file import read_engine_file, write_engine_file
 from .engine_load import load_engine
 from .threads import resolve_threads
+from ..version import __version__
 from .engine_io import EngineIO
-from .module_map import module_calls
-from .onnx_export import DEFAULT_EXPORTER, conv_bn_pairs, export_onnx
+from ..placement.module_map import module_calls
+from ..placement.onnx_export import DEFAULT_EXPORTER, conv_bn_pairs, export_onnx
 from .onnx_qdq import annotate
 from ..placement.locate import locate_points
 from .grid import grid_from_range
@@ -128,7 +129,7 @@ class ModelSpeedup:
         extra_layer_bits: precision of Conv/Linear layers absent from ``config``: 32, 16 or 8.
         calib_data_loader: batches (tensors or (inputs, labels)) for ranges the config lacks.
         calib_batches: how many of its batches to use (default: all).
-        exporter: 'torchscript' (default) or 'dynamo' (see :mod:`mixq.speedup.onnx_export`).
+        exporter: 'torchscript' (default) or 'dynamo' (see :mod:`mixq.placement.onnx_export`).
         num_threads: CPU threads of the engine (default: the cores this process may use).
         dynamic: with ``extra_layer_bits=8``, Linear layers quantize their activations at run
             time (uint8 per tensor, ONNX Runtime's dynamic integer kernels): no calibration data.
@@ -372,9 +373,7 @@ class ModelSpeedup:
     def export_quantized_model(self, path: str) -> None:
         """Save the built engine with its metadata to ``path`` (atomically)."""
         engine = self._require_engine()
-        import mixq
-
-        meta = {"mixq_version": mixq.__version__, "backend": self.backend_name,
+        meta = {"mixq_version": __version__, "backend": self.backend_name,
                 "backend_version": self._backend.version(), "input_names": self.input_names,
                 "output_names": self.output_names, "input_shapes": [list(s) for s in self.input_shapes],
                 "io": self.io.to_meta(), "batchsize": self.batchsize, "layer_nodes": self._layer_nodes,

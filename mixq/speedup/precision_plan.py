@@ -35,8 +35,8 @@ from ..compressor.fake_quant import FP16_BITS, is_integer_bits
 from ..placement.onnx_graph import OnnxGraph
 from ..placement.scopes import matmul_nodes
 from .grid import Grid, grid_from_range, precision_of_bits
-from .module_map import ModuleCall
-from .onnx_export import FoldedBatchNorm
+from ..placement.module_map import ModuleCall
+from ..placement.onnx_export import FoldedBatchNorm
 from .weight_codes import WeightQuant, channel_shape, onnx_weight_quant, weight_codes
 
 logger = logging.getLogger(__name__)

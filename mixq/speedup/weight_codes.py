@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..compressor.calibration import CalibrationConfig
 from ..compressor.fake_quant import is_integer_bits, is_per_channel, is_symmetric, quant_range, quantize
-from .onnx_export import FoldedBatchNorm, bn_factor, weight_axis
+from ..placement.onnx_export import FoldedBatchNorm, bn_factor, weight_axis
 
 logger = logging.getLogger(__name__)
 

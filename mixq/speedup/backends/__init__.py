@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Dict, List, Tuple
 
+from ...placement.op_rules import auto_backend
 from .base import Backend, BackendUnavailable, BuildOptions, Engine, EngineFormatError
 
 _REGISTRY: Dict[str, Tuple[str, str]] = {
@@ -23,21 +23,10 @@ def available_backends() -> List[str]:
     return list(_REGISTRY)
 
 
-def _tensorrt_usable() -> bool:
-    if importlib.util.find_spec("tensorrt") is None:
-        return False
-    try:
-        import tensorrt  # noqa: F401
-        import torch
-    except Exception:  # a broken install counts as absent for 'auto'
-        return False
-    return torch.cuda.is_available()
-
-
 def resolve_backend_name(name: str) -> str:
     """The concrete backend ``name`` stands for (resolves ``'auto'``); unknown names are an error."""
     if name == AUTO:
-        return "tensorrt" if _tensorrt_usable() else "onnxruntime"
+        return auto_backend()
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; choose one of {available_backends() + [AUTO]}")
     return name

@@ -11,7 +11,7 @@ TorchScript is the default because it is about ten times faster to run (0.1 s ag
 on the models here), keeps operators that backends fuse well (``Flatten``,
 ``GlobalAveragePool``, ``Gemm``; the dynamo exporter writes ``ReduceMean`` + ``Reshape``) and
 names every node after its module scope. Both are mapped back to module names by
-:mod:`mixq.speedup.module_map`. The dynamo exporter needs the ``onnxscript`` package
+:mod:`mixq.placement.module_map`. The dynamo exporter needs the ``onnxscript`` package
 (``pip install mixq[dynamo]``); without it ``exporter='dynamo'`` fails naming that command.
 Exporter deprecation notices and progress logs are silenced: the user cannot act on them. The
 exporter's TracerWarnings are not: they say where a forward cannot be traced, and every export
