@@ -13,7 +13,7 @@ from ..compressor.observers import OBSERVERS, Observer, make_observer
 from ..compressor.quantizer import Quantizer, weight_axis
 from ..compressor.fake_quant import is_per_channel
 from ..compressor.wrapper import QuantizerModuleWrapper
-from .placed import DEFAULT_BACKEND, PlacementMixin
+from .placed import DEFAULT_BACKEND, PlacementMixin, resolve_placement_backend
 
 _observer_spec = Or(Or(*OBSERVERS), And(dict, lambda d: d.get("name") in OBSERVERS),
                     error=f"observer must be one of {sorted(OBSERVERS)} or a dict with 'name' and its options")
@@ -35,6 +35,7 @@ class ObserverQuantizer(PlacementMixin, Quantizer):
 
     def __init__(self, model: nn.Module, config_list: List[Dict[str, Any]], dummy_input: Any = None,
                  backend: Optional[str] = DEFAULT_BACKEND, **kwargs: Any) -> None:
+        resolve_placement_backend(backend)  # a bad backend is refused before the model is wrapped
         super().__init__(model, config_list, dummy_input=dummy_input, **kwargs)
         self.compressed = False
         self.observers: Dict[str, Dict[str, Observer]] = {}

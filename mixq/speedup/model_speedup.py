@@ -26,7 +26,6 @@ import copy
 import difflib
 import logging
 import os
-import tempfile
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -35,6 +34,7 @@ import onnx
 import torch
 import torch.nn as nn
 
+from ..atomic_io import atomic_write
 from ..compressor.calibration import (PLACEMENT_KEY, TENSORS_KEY, CalibrationConfig, layer_entries,
                                      load_calibration_config, validate_calibration_config)
 from ..compressor.config import WEIGHT_TYPES, is_matmul_site, matmul_scope
@@ -47,6 +47,7 @@ from .engine_file import read_engine_file, write_engine_file
 from .engine_load import load_engine
 from .threads import resolve_threads
 from ..version import __version__
+from .calibration_check import check_calibration
 from .engine_io import EngineIO
 from ..placement.module_map import module_calls
 from ..placement.onnx_export import DEFAULT_EXPORTER, conv_bn_pairs, export_onnx
@@ -175,7 +176,7 @@ class ModelSpeedup:
         self.calib_data_loader = calib_data_loader
         self.calib_batches = calib_batches
         self.exporter = exporter
-        self.num_threads = num_threads or _default_threads()
+        self.num_threads = resolve_threads(num_threads)
         self.plan: Optional[PrecisionPlan] = None
         self.annotated_model: Optional[onnx.ModelProto] = None
         self._engine: Optional[Engine] = None
@@ -302,13 +303,15 @@ class ModelSpeedup:
         model = self._float_model()
         example = self._example_inputs()
         config, extra = self._resolve_config(model)
+        check_calibration(model, config, lambda m: example.call(m))  # the calibration fits this model
         pairs = conv_bn_pairs(model, example)
         folds = choose_folds(model, pairs, config, placed=TENSORS_KEY in config)
         kept = [bn for conv, bn in pairs.items() if conv not in folds]
         exported = export_onnx(model, example, folds, self.exporter, keep=kept)
         calls = module_calls(exported.model, [n for n, _ in model.named_modules()])
         points, edges = self._locate_points(model, exported, calls, config, example,
-                                            lambda m: export_onnx(m, example, folds, self.exporter, keep=kept).model)
+                                            lambda m: export_onnx(m, example, folds, self.exporter, keep=kept,
+                                                                  verify=False).model)
         self.plan = build_plan(exported.model, calls, exported.folded, model, config, extra, self.extra_layer_bits,
                                points=points, point_edges=edges)
         self.annotated_model = annotate(exported.model, self.plan)
@@ -430,19 +433,5 @@ def _grid(entry: Dict[str, Any]):
     return grid_from_range(entry["tracked_min"], entry["tracked_max"], entry["bits"], entry["scheme"], entry["dtype"])
 
 
-def _default_threads() -> int:
-    affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity else (os.cpu_count() or 1)
-
-
 def _atomic_save_onnx(model: onnx.ModelProto, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".mixq-", suffix=".onnx", dir=directory)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, model.SerializeToString())
