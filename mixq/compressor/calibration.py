@@ -33,8 +33,8 @@ from schema import And, Or, Schema, SchemaError
 from schema import Optional as Opt
 
 from ..atomic_io import atomic_write
-from ..short_repr import short_repr
-from .config import ALLOWED_BITS, BITS_HELP
+from ..messages import short_repr
+from .config import ALLOWED_BITS, BITS_HELP, QUANT_TYPES
 from .fake_quant import DTYPES, SCHEMES, is_integer_bits, is_per_channel, is_symmetric, quant_range
 
 FORMAT_NAME = "mixq-calibration"
@@ -43,7 +43,6 @@ READABLE_VERSIONS = (1, 2)
 TENSORS_KEY = "@tensors"
 PLACEMENT_KEY = "@placement"
 RESERVED_KEYS = (TENSORS_KEY, PLACEMENT_KEY)
-QUANT_TYPES = ("weight", "input", "output")
 
 CalibrationConfig = Dict[str, Dict[str, Any]]
 MAX_FILE_BYTES = 256 * 2 ** 20  # per-channel scales of a 7B-parameter model take ~20 MB

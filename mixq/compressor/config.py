@@ -5,16 +5,15 @@ the key and, for unknown names or keys, the closest valid ones.
 """
 from __future__ import annotations
 
-import difflib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch.nn as nn
 from schema import And, Or, Schema, SchemaError
 from schema import Optional as Opt
 
-from ..short_repr import short_repr
+from ..messages import close_matches, short_repr
 from .wrapped import is_wrapper
 from .fake_quant import DTYPES, SCHEMES, is_per_channel, is_symmetric
 
@@ -36,12 +35,6 @@ class ConfigError(SchemaError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
 
-
-def _close(word: str, candidates: Iterable[str]) -> str:
-    if len(word) > 200:  # no name is that long; comparing it would only cost time
-        return ""
-    matches = difflib.get_close_matches(word, sorted(set(candidates)), n=3, cutoff=0.5)
-    return f"; close matches: {', '.join(matches)}" if matches else ""
 
 
 def _per_type(value_schema: Any) -> Any:
@@ -96,7 +89,7 @@ class ConfigListSpec:
         for key in entry:
             if key not in self.keys:
                 raise ConfigError(f"{where}: unknown key {short_repr(key)} for {self.quantizer}"
-                                  f"{_close(str(key), self.keys)}")
+                                  f"{close_matches(str(key), self.keys)}")
         for key, value in entry.items():
             try:
                 Schema(self.keys[key]).validate(value)
@@ -180,15 +173,15 @@ class ConfigListSpec:
             op_names.append(name)
             if name not in modules or not name:
                 raise ConfigError(f"{where}['op_names']: {short_repr(name)} is not a module of the model"
-                                  f"{_close(name, names)}")
+                                  f"{close_matches(name, names)}")
         op_types = entry.get("op_types")
         absent = [t for t in op_types or [] if t != "default" and t not in type_names]
         if op_types and len(absent) == len(op_types):
             raise ConfigError(f"{where}['op_types']: no module of type {short_repr(absent[0])} in the model"
-                              f"{_close(absent[0], type_names | {'default'})}")
+                              f"{close_matches(absent[0], type_names | {'default'})}")
         for op_type in absent:
             logger.warning("%s['op_types']: no module of type %r in the model%s", where, op_type,
-                           _close(op_type, type_names | {"default"}))
+                           close_matches(op_type, type_names | {"default"}))
         matched = []
         if op_types and MATMUL in op_types:  # matrix products of two activations, by module scope
             matched += [matmul_site(scope) for scope in (op_names or [""])]

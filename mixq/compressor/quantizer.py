@@ -13,6 +13,7 @@ from ..atomic_io import atomic_write
 from .bn_fold import find_conv_bn_pairs
 from .call_points import CallPoints, PointKey
 from .calibration import CalibrationConfig, save_calibration_config, validate_calibration_config
+from .layers import weight_axis
 from .config import ConfigError, ConfigListSpec, LayerQuantConfig, module_names, is_matmul_site
 from .observers import NonFiniteTensorError
 from .fake_quant import (fake_quantize, is_integer_bits, is_per_channel, is_symmetric, qparams_from_range,
@@ -20,11 +21,6 @@ from .fake_quant import (fake_quantize, is_integer_bits, is_per_channel, is_symm
 from .wrapper import QuantizerModuleWrapper, set_submodule, unwrapped_copy
 
 logger = logging.getLogger(__name__)
-
-
-def weight_axis(module: nn.Module) -> int:
-    """The output-channel axis of a layer's weight (1 for ConvTranspose, else 0)."""
-    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
 
 
 def weight_range(weight: torch.Tensor, scheme: str, axis: int) -> Tuple[torch.Tensor, torch.Tensor]:

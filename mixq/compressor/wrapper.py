@@ -10,6 +10,7 @@ from torch.func import functional_call
 
 from .call_points import strip_hooks
 from .config import LayerQuantConfig
+from .layers import bn_factor
 from .observers import NonFiniteTensorError
 
 
@@ -62,9 +63,7 @@ class QuantizerModuleWrapper(nn.Module):
 
     def bn_scale(self) -> torch.Tensor:
         """Per-output-channel factor gamma / sqrt(running_var + eps) of the attached BN."""
-        bn = self.__dict__["bn"]
-        gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
-        return gamma / torch.sqrt(bn.running_var + bn.eps)
+        return bn_factor(self.__dict__["bn"])
 
     def effective_weight(self) -> torch.Tensor:
         """The weight that is quantized: the module weight, BN-folded when a BN is attached."""

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..compressor.bn_fold import find_conv_bn_pairs
+from ..compressor.layers import bn_factor, weight_axis
 from ..compressor.model_io import ModelInputs, OutputStructure, flatten_output
 from ..compressor.model_io import output_names as io_output_names
 from ..compressor.wrapper import set_submodule
@@ -75,17 +76,6 @@ def conv_bn_pairs(model: nn.Module, example_inputs: Any) -> Dict[str, str]:
     return find_conv_bn_pairs(model, ModelInputs.of(example_inputs))
 
 
-def bn_factor(bn: nn.Module) -> torch.Tensor:
-    """Per-channel ``gamma / sqrt(running_var + eps)``, computed as the quantizer wrappers do."""
-    gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
-    return (gamma / torch.sqrt(bn.running_var + bn.eps)).detach()
-
-
-def weight_axis(module: nn.Module) -> int:
-    """Output-channel axis of a layer's weight (1 for transposed convs, else 0)."""
-    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
-
-
 def fold_batchnorms(model: nn.Module, pairs: Mapping[str, str]) -> Dict[str, FoldedBatchNorm]:
     """Fold each ``pairs[conv] = bn`` into the conv of ``model`` (in place) and replace the BN
     by ``nn.Identity``. Weights become ``w * factor`` per output channel, the bias
@@ -94,7 +84,7 @@ def fold_batchnorms(model: nn.Module, pairs: Mapping[str, str]) -> Dict[str, Fol
     with torch.no_grad():
         for conv_name, bn_name in pairs.items():
             conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-            factor = bn_factor(bn)
+            factor = bn_factor(bn).detach()
             axis = weight_axis(conv)
             shape = [1] * conv.weight.dim()
             shape[axis] = -1
@@ -117,7 +107,7 @@ class ChannelAffine(nn.Module):
 
     def __init__(self, bn: nn.Module) -> None:
         super().__init__()
-        factor = bn_factor(bn)
+        factor = bn_factor(bn).detach()
         beta = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
         self.register_buffer("factor", factor.clone())
         self.register_buffer("shift", (beta - bn.running_mean * factor).detach().clone())

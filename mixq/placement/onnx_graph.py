@@ -11,6 +11,15 @@ from onnx import numpy_helper
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
+def prune_initializers(model: onnx.ModelProto) -> None:
+    """Drop the initializers no node and no graph output reads (in place)."""
+    used = {i for n in model.graph.node for i in n.input}
+    used.update(o.name for o in model.graph.output)
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
 def _with_input_shapes(model: onnx.ModelProto, shapes: Dict[str, Sequence[int]]) -> onnx.ModelProto:
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)

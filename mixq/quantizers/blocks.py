@@ -13,7 +13,6 @@ automatically (:func:`find_units`) by running the model once:
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import operator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch.nn as nn
 
 from ..compressor.config import ConfigError, WEIGHT_TYPES
 from ..compressor.wrapper import QuantizerModuleWrapper
+from ..messages import close_matches, short_repr
 
 logger = logging.getLogger(__name__)
 
@@ -181,9 +181,8 @@ def units_from_names(model: nn.Module, specs: Sequence[UnitSpec]) -> List[Unit]:
             raise ConfigError(f"blocks[{index}] is empty; give a module name or a list of module names")
         for name in chain:
             if name not in names:
-                close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-                hint = f"; close matches: {', '.join(close)}" if close else ""
-                raise ConfigError(f"blocks[{index}]: {name!r} is not a module of the model{hint}")
+                raise ConfigError(f"blocks[{index}]: {short_repr(name)} is not a module of the model"
+                                  f"{close_matches(name, names)}")
         units.append(Unit(chain))
     return units
 

@@ -10,7 +10,8 @@ from schema import And, Or
 from ..compressor.calibration import CalibrationConfig
 from ..compressor.config import QUANT_TYPES, ConfigListSpec
 from ..compressor.observers import OBSERVERS, Observer, make_observer
-from ..compressor.quantizer import Quantizer, weight_axis
+from ..compressor.layers import weight_axis
+from ..compressor.quantizer import Quantizer
 from ..compressor.fake_quant import is_per_channel
 from ..compressor.wrapper import QuantizerModuleWrapper
 from .placed import DEFAULT_BACKEND, PlacementMixin, resolve_placement_backend

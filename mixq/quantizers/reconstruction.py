@@ -40,7 +40,8 @@ from ..compressor.config import ConfigError, ConfigListSpec
 from ..compressor.fake_quant import is_integer_bits, is_per_channel, is_symmetric, qparams_from_range, quant_range
 from ..compressor.model_io import model_device
 from ..compressor.observers import MSEObserver
-from ..compressor.quantizer import Quantizer, weight_axis
+from ..compressor.layers import weight_axis
+from ..compressor.quantizer import Quantizer
 from ..compressor.wrapper import QuantizerModuleWrapper
 from .adaround import AdaRound, beta_schedule
 from .blocks import Unit, UnitSpec, capture, find_units, units_from_names

@@ -22,7 +22,7 @@ from ..compressor.call_points import CallPoints, input_key, module_key
 from ..compressor.calibration import TENSORS_KEY, CalibrationConfig, CalibrationError, layer_entries
 from ..compressor.config import WEIGHT_TYPES
 from ..compressor.fake_quant import is_integer_bits, is_per_channel
-from ..placement.onnx_export import weight_axis
+from ..compressor.layers import weight_axis
 
 FIX = "export the calibration from this model (quantizer.export_model)"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Tuple
 
 from ..compressor.calibration import CalibrationError, validate_calibration_config
-from ..short_repr import short_repr
+from ..messages import short_repr
 from .backends import available_backends
 from .backends.base import EngineFormatError
 

@@ -9,8 +9,6 @@ import torch
 
 from ..compressor.fake_quant import FP16_BITS, is_integer_bits, is_symmetric, qparams_from_range, quant_range
 
-PRECISION_ORDER = {"int8": 0, "fp16": 1, "fp32": 2}
-
 
 def precision_of_bits(bits: Optional[int]) -> str:
     """'int8' for 1..8 bits, 'fp16' for 16, 'fp32' otherwise (or not quantized)."""

@@ -23,7 +23,6 @@ activations are quantized).
 from __future__ import annotations
 
 import copy
-import difflib
 import logging
 import os
 import time
@@ -37,10 +36,11 @@ import torch.nn as nn
 from ..atomic_io import atomic_write
 from ..compressor.calibration import (PLACEMENT_KEY, TENSORS_KEY, CalibrationConfig, layer_entries,
                                      load_calibration_config, validate_calibration_config)
-from ..compressor.config import WEIGHT_TYPES, is_matmul_site, matmul_scope
+from ..compressor.config import QUANT_TYPES, WEIGHT_TYPES, is_matmul_site, matmul_scope
 from ..compressor.fake_quant import is_integer_bits
 from ..compressor.model_io import ModelInputs
 from ..compressor.wrapper import unwrapped_copy
+from ..messages import close_matches, short_repr
 from .backends import get_backend, resolve_backend_name
 from .backends.base import Backend, BuildOptions, Engine, EngineFormatError
 from .engine_file import read_engine_file, write_engine_file
@@ -62,7 +62,6 @@ logger = logging.getLogger(__name__)
 
 Shape = Tuple[int, ...]
 EXTRA_LAYER_BITS = (8, 16, 32)
-QUANT_TYPES = ("weight", "input", "output")
 
 
 def _normalize_shapes(input_shape: Any) -> List[Shape]:
@@ -253,10 +252,8 @@ class ModelSpeedup:
         names = {n for n, _ in model.named_modules()}
         for name in layer_entries(config):
             if name not in names and not (is_matmul_site(name) and matmul_scope(name) in names):
-                close = difflib.get_close_matches(name, sorted(names), n=3)
-                raise ValueError(f"the config names layer {name!r}, which is not a module of the model"
-                                 + (f"; close matches: {', '.join(close)}" if close else "")
-                                 + ": export the calibration from this model")
+                raise ValueError(f"the config names layer {short_repr(name)}, which is not a module of the model"
+                                 f"{close_matches(name, names)}: export the calibration from this model")
         placed = config.get(PLACEMENT_KEY)
         if placed is not None and placed["backend"] != self.backend_name:
             raise ValueError(f"the calibration places quantization for {placed['backend']!r}, this engine is "

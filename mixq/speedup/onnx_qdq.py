@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..placement.onnx_graph import prune_initializers
 from .grid import Grid
 from .precision_plan import PrecisionPlan
 
@@ -159,7 +160,7 @@ class _Annotator:
         del graph.node[:]
         graph.node.extend(ordered)
         graph.initializer.extend(self.inits)
-        _prune_initializers(self.model)
+        prune_initializers(self.model)
         _ensure_opset(self.model)
         return self.model
 
@@ -263,14 +264,6 @@ class _Annotator:
                                                              name=self.names.new(f"{node.name}/CastOutputFp32")))
 
 
-def _prune_initializers(model: onnx.ModelProto) -> None:
-    used = {i for n in model.graph.node for i in n.input}
-    used.update(o.name for o in model.graph.output)
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-
-
 def _ensure_opset(model: onnx.ModelProto) -> None:
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx") and opset.version < MIN_OPSET:
@@ -309,5 +302,5 @@ def dequantize_bias(model: onnx.ModelProto) -> onnx.ModelProto:
                 node.input[i] = folded[name]
     del graph.node[:]
     graph.node.extend(keep)
-    _prune_initializers(result)
+    prune_initializers(result)
     return result

@@ -14,9 +14,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import onnx
 
 from ..placement.onnx_graph import WEIGHTED_OPS, OnnxGraph
+from .backends.base import PRECISION_ORDER
 from .precision_plan import PrecisionPlan
 
-ORDER = {"int8": 0, "fp16": 1, "fp32": 2, "unknown": 3}
 _ANNOTATION_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "Constant", "Identity", "Clip"}
 Row = Dict[str, Any]
 
@@ -67,7 +67,7 @@ def build_report(plan: PrecisionPlan, precisions: Mapping[str, str], backend: An
         # a Conv/Linear runs at its multiply-accumulate node's precision (a bias Add beside it does not count)
         nodes = [n for n in layer.nodes if n in weighted] or layer.nodes
         found = [precisions.get(n, "unknown") for n in nodes]
-        actual = max(found, key=ORDER.__getitem__) if found else ("fp32" if layer.note else "unknown")
+        actual = max(found, key=PRECISION_ORDER.__getitem__) if found else ("fp32" if layer.note else "unknown")
         claimed.update(layer.nodes)
         rows.append({"kind": "layer", "layer": layer.name, "requested": layer.requested, "actual": actual,
                      "reason": _layer_reason(layer, actual, plan, backend)})

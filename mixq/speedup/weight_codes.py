@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from ..compressor.calibration import CalibrationConfig
 from ..compressor.fake_quant import is_integer_bits, is_per_channel, is_symmetric, quant_range, quantize
-from ..placement.onnx_export import FoldedBatchNorm, bn_factor, weight_axis
+from ..compressor.layers import bn_factor, weight_axis
+from ..placement.onnx_export import FoldedBatchNorm
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def choose_folds(model: nn.Module, pairs: Mapping[str, str], config: Calibration
             continue
         if is_integer_bits(conv_entry.get("weight_bits", 32)):
             conv = model.get_submodule(conv_name)
-            bn = FoldedBatchNorm(conv_name, bn_name, bn_factor(model.get_submodule(bn_name)), weight_axis(conv))
+            bn = FoldedBatchNorm(conv_name, bn_name, bn_factor(model.get_submodule(bn_name)).detach(), weight_axis(conv))
             try:
                 weight_codes(conv.weight, conv_entry, conv_name, bn, fold_at_export=True)
             except FoldError as exc:

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("int8", "fp16", "fp32")
 UNKNOWN = "unknown"  # a node the backend built but cannot attribute a precision to (never report it fp32)
+# narrowest first: a layer spanning several nodes runs at its widest precision
+PRECISION_ORDER = {p: i for i, p in enumerate(PRECISIONS + (UNKNOWN,))}
 
 
 class BackendUnavailable(RuntimeError):

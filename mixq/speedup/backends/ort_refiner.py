@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ...placement.onnx_graph import OnnxGraph
+from ...placement.onnx_graph import OnnxGraph, prune_initializers
 from ...placement.policy import spatial_mean
 from .ort_channel_padding import pad_conv_output_channels
 from .ort_space_to_depth import fuse_conv_pool_space_to_depth
@@ -258,13 +258,6 @@ class _Refiner:
             if t.data_type == TensorProto.FLOAT16:
                 t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
 
-    def prune_initializers(self) -> None:
-        graph = self.model.graph
-        used = {i for n in graph.node for i in n.input} | self.graph_outputs
-        keep = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-
     def mean_to_global_pool(self) -> None:
         """ReduceMean over H and W of a 4-D tensor becomes GlobalAveragePool (the same mean), which
         ONNX Runtime runs as an integer kernel between Q/DQ pairs. Without kept dims a Flatten
@@ -307,7 +300,7 @@ class _Refiner:
         self.relu_to_lookup()
         self.clip_codes()
         self.fp16_to_fp32()
-        self.prune_initializers()
+        prune_initializers(self.model)
         return self.model, sorted(self.absorbed)
 
 

@@ -27,8 +27,8 @@ import json
 import re
 from typing import Any, Dict, Iterable, List, Optional
 
-UNKNOWN = "unknown"
-ORDER = {"int8": 0, "fp16": 1, "fp32": 2}
+from .base import PRECISION_ORDER, UNKNOWN
+
 # one complete metadata entry; a truncated one (no '[' or no ']') does not match
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\[\]\x1e\x1f]+)\]")
 _TRUNCATION = " ... "  # what the parser puts in place of the middle of metadata over 4000 characters
@@ -69,7 +69,7 @@ def _tensor_precision(tensor: Dict[str, Any]) -> Optional[str]:
 
 def _narrowest(precisions: Iterable[Optional[str]]) -> Optional[str]:
     known = [p for p in precisions if p is not None]
-    return min(known, key=ORDER.__getitem__) if known else None
+    return min(known, key=PRECISION_ORDER.__getitem__) if known else None
 
 
 def layer_precision(layer: Dict[str, Any]) -> Optional[str]:
@@ -95,7 +95,7 @@ def layer_precision(layer: Dict[str, Any]) -> Optional[str]:
     if activation is None:
         return None
     narrow = _narrowest(constants)
-    return narrow if narrow is not None and ORDER[narrow] < ORDER[activation] else activation
+    return narrow if narrow is not None and PRECISION_ORDER[narrow] < PRECISION_ORDER[activation] else activation
 
 
 def _names_from_layer_name(name: str) -> List[str]:
@@ -168,7 +168,7 @@ def precisions_from_inspector_json(text: str) -> Dict[str, str]:
             continue
         for node in layer_onnx_nodes(layer):
             old = result.get(node)
-            if old is None or ORDER[precision] > ORDER[old]:
+            if old is None or PRECISION_ORDER[precision] > PRECISION_ORDER[old]:
                 result[node] = precision
     return result
 
