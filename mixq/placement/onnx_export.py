@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from ..compressor.bn_fold import find_conv_bn_pairs
 from ..compressor.layers import bn_factor, weight_axis
+from .onnx_graph import bypass
 from ..compressor.model_io import ModelInputs, OutputStructure, flatten_output
 from ..compressor.model_io import output_names as io_output_names
 from ..compressor.wrapper import set_submodule
@@ -203,31 +204,9 @@ def _export_dynamo(model: nn.Module, inputs: ModelInputs, input_names: List[str]
     return program.model_proto
 
 
-def _inline_identity_initializers(model: onnx.ModelProto) -> None:
-    """Let nodes read initializers directly where the exporter routed them through Identity."""
-    graph = model.graph
-    inits = {i.name for i in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    rename = {}
-    keep = []
-    for node in graph.node:
-        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
-            rename[node.output[0]] = node.input[0]
-        else:
-            keep.append(node)
-    if not rename:
-        return
-    for node in keep:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
-    del graph.node[:]
-    graph.node.extend(keep)
-
-
 def _drop_value_preserving_nodes(model: onnx.ModelProto) -> None:
-    """Remove Identity nodes and Casts to the type they read (``x.to(x.dtype)``, ``.float()`` of a
-    float): they compute nothing, and a tensor copied by them would be quantized twice or in the
+    """Remove Identity nodes (the exporter routes some initializers through them) and Casts to
+    the type they read (``x.to(x.dtype)``, ``.float()`` of a float): they compute nothing, and a tensor copied by them would be quantized twice or in the
     wrong place (a Q/DQ pair must sit right before the op that fuses with it)."""
     graph = model.graph
     types = {vi.name: vi.type.tensor_type.elem_type
@@ -235,22 +214,14 @@ def _drop_value_preserving_nodes(model: onnx.ModelProto) -> None:
     types.update({t.name: t.data_type for t in graph.initializer})
     outputs = {o.name for o in graph.output}
     rename: Dict[str, str] = {}
-    keep = []
+    removed = []
     for node in graph.node:
         same_type = node.op_type == "Cast" and any(a.name == "to" and types.get(node.input[0]) == a.i
                                                    for a in node.attribute)
         if (node.op_type == "Identity" or same_type) and node.output[0] not in outputs:
             rename[node.output[0]] = rename.get(node.input[0], node.input[0])
-            continue
-        keep.append(node)
-    if not rename:
-        return
-    for node in keep:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
-    del graph.node[:]
-    graph.node.extend(keep)
+            removed.append(node)
+    bypass(model, removed, rename)
 
 
 def _ensure_node_names(model: onnx.ModelProto) -> None:
@@ -300,7 +271,6 @@ def export_onnx(model: nn.Module, example_inputs: Any, fold: Mapping[str, str],
             reason = " ".join(str(exc).split())[:400] or type(exc).__name__
             raise RuntimeError(f"the {exporter} exporter cannot export {type(model).__name__} ({reason})"
                                + ("; try exporter='dynamo'" if exporter == "torchscript" else "")) from None
-    _inline_identity_initializers(proto)
     _drop_value_preserving_nodes(proto)
     _ensure_node_names(proto)
     if verify:

@@ -11,6 +11,19 @@ from onnx import numpy_helper
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
+def bypass(model: onnx.ModelProto, removed: Sequence[onnx.NodeProto], rename: Dict[str, str]) -> None:
+    """Remove ``removed`` nodes and let every reader of ``rename``'s keys read their values instead
+    (in place; ``rename`` maps a removed node's output to what replaces it)."""
+    gone = {id(n) for n in removed}
+    keep = [n for n in model.graph.node if id(n) not in gone]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
 def prune_initializers(model: onnx.ModelProto) -> None:
     """Drop the initializers no node and no graph output reads (in place)."""
     used = {i for n in model.graph.node for i in n.input}

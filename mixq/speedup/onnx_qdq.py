@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..placement.onnx_graph import prune_initializers
+from ..placement.onnx_graph import bypass, prune_initializers
 from .grid import Grid
 from .precision_plan import PrecisionPlan
 
@@ -285,22 +285,17 @@ def dequantize_bias(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = result.graph
     inits = {t.name: t for t in graph.initializer}
     folded: Dict[str, str] = {}
-    keep = []
+    removed = []
     for node in graph.node:
         source = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
         if source is None or source.data_type != TensorProto.INT32:
-            keep.append(node)
             continue
         scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         values = numpy_helper.to_array(source).astype(np.float32) * scale
         name = f"{node.output[0]}.float"
         graph.initializer.append(numpy_helper.from_array(values.astype(np.float32), name))
         folded[node.output[0]] = name
-    for node in keep:
-        for i, name in enumerate(node.input):
-            if name in folded:
-                node.input[i] = folded[name]
-    del graph.node[:]
-    graph.node.extend(keep)
+        removed.append(node)
+    bypass(result, removed, folded)
     prune_initializers(result)
     return result
