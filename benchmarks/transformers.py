@@ -21,9 +21,11 @@ spinning off; mixq engines timed through ``engine.inference`` on the saved engin
 and validation included); time relative to ORT's counterpart (<= 1.0 is as fast or faster);
 speedup over mixq's fp32 engine; cosine of the logits to the PyTorch model's fp32 logits on 32
 held-out samples (flat, and the per-sample median); configured layers running the precision
-asked for; the report summary's integer share of multiply-accumulates; and, from the graph ONNX
-Runtime runs (its optimized model), the integer share of the Linear multiply-accumulates (nodes
-whose second operand is a stored weight) and of all of them (attention matmuls included).
+asked for (precision report); and integer shares of the multiply-accumulates, counted on the
+graph ONNX Runtime runs (its optimized model, op types of the kernels): of the Linear layers
+(MatMul/Gemm nodes reading a stored weight), of every layer with weights (the patch-embedding
+convolution too) and of all of them (attention's products of two activations too), the last
+two beside the precision report summary's ``weight_mac_share`` / ``integer_mac_share``.
 
     python3 benchmarks/transformers.py [--rounds 3] [--threads 2] [--models bert vit]
 """
@@ -94,7 +96,7 @@ class Row:
     optimized: onnx.ModelProto
     report: Optional[List[Dict[str, Any]]] = None
     ms: float = float("inf")
-    shares: Tuple[float, float] = field(default=(float("nan"), float("nan")))
+    shares: Dict[str, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,27 +195,30 @@ def build_rows(case: Case, tmp: str, threads: int) -> List[Row]:
 # Kernels of the graph ONNX Runtime runs
 # ---------------------------------------------------------------------------------------------
 
-def integer_shares(optimized: onnx.ModelProto, feeds: Dict[str, np.ndarray]) -> Tuple[float, float]:
-    """(integer share of the Linear multiply-accumulates, integer share of all of them) in
-    ``optimized``: a Linear is a MatMul/Gemm-like node whose weight operand is computed from stored
-    tensors only (an initializer, its DequantizeLinear or Transpose); attention matmuls read two
-    activations; convolutions count in the second share only."""
+def integer_shares(optimized: onnx.ModelProto, feeds: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """Integer shares of the multiply-accumulates in ``optimized``: of the Linear layers
+    ('linear': MatMul/Gemm-like nodes whose weight operand is computed from stored tensors only,
+    an initializer, its DequantizeLinear or Transpose), of every layer with a stored weight
+    ('weight': convolutions too) and of all of them ('all': attention's products of two
+    activations too)."""
     constant = {i.name for i in optimized.graph.initializer}
     for node in optimized.graph.node:  # topological order
         if all(not name or name in constant for name in node.input):
             constant.update(node.output)
     macs = ob.mac_count(optimized, feeds=feeds)
-    totals = {"linear": [0, 0], "all": [0, 0]}
+    totals = {key: [0, 0] for key in ("linear", "weight", "all")}
     for node in optimized.graph.node:
         name = node.name or node.output[0]
         if name not in macs:
             continue
         index, kind = ob.MAC_OPS[node.op_type]
-        linear = kind in ("matmul", "gemm") and node.input[index] in constant
-        for key in ("all", "linear") if linear else ("all",):
+        keys = ["all"]
+        if node.input[index] in constant:
+            keys += ["weight", "linear"] if kind in ("matmul", "gemm") else ["weight"]
+        for key in keys:
             totals[key][0] += macs[name] * (node.op_type in ob.INTEGER_MAC_OPS)
             totals[key][1] += macs[name]
-    return tuple(i / t if t else 0.0 for i, t in (totals["linear"], totals["all"]))  # type: ignore[return-value]
+    return {key: i / t if t else 0.0 for key, (i, t) in totals.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,12 +293,15 @@ def table_rows(name: str, rows: List[Row], reference: np.ndarray) -> List[List[s
         if row.report is not None:
             layers = layer_rows(row.report)
             as_asked = f"{sum(r['actual'] == r['requested'] for r in layers)}/{len(layers)}" if layers else "-"
-            report_share = f"{summary_row(row.report)['integer_mac_share']:.1%}"
+            summary = summary_row(row.report)
+            weight = f"{summary['weight_mac_share']:.1%} / {row.shares['weight']:.1%}"
+            every = f"{summary['integer_mac_share']:.1%} / {row.shares['all']:.1%}"
         else:
-            as_asked = report_share = "-"
+            as_asked = "-"
+            weight, every = f"- / {row.shares['weight']:.1%}", f"- / {row.shares['all']:.1%}"
         out.append([name, row.label, f"{row.ms:.2f}", f"{row.ms / counterpart.ms:.2f}x" if counterpart else "-",
-                    f"{fp32_ms / row.ms:.2f}x", f"{flat:.5f}", f"{median:.5f}", as_asked, report_share,
-                    f"{row.shares[0]:.1%}", f"{row.shares[1]:.1%}"])
+                    f"{fp32_ms / row.ms:.2f}x", f"{flat:.5f}", f"{median:.5f}", as_asked,
+                    f"{row.shares['linear']:.1%}", weight, every])
     return out
 
 
@@ -316,14 +324,15 @@ def targets(results: Dict[str, List[Row]], references: Dict[str, np.ndarray]) ->
         for label in COUNTERPART:
             layers = layer_rows(r[label].report)
             as_asked = sum(row["actual"] == row["requested"] for row in layers)
-            linear = r[label].shares[0]
+            linear = r[label].shares["linear"]
             checks.append((as_asked == len(layers) and linear >= 0.95,
                            f"{name}: {label}: {as_asked}/{len(layers)} configured layers run as asked (report), "
                            f"{linear:.1%} of Linear MACs in integer kernels (optimized graph, >= 95%)"))
-            report = summary_row(r[label].report)["integer_mac_share"]
-            graph = r[label].shares[1]
-            checks.append((abs(report - graph) <= 0.01, f"{name}: {label}: report summary {report:.1%} of all MACs "
-                           f"integer, optimized graph {graph:.1%} (agree within 1 point)"))
+            summary = summary_row(r[label].report)
+            for key, scope in (("weight_mac_share", "weight"), ("integer_mac_share", "all")):
+                report, graph = summary[key], r[label].shares[scope]
+                checks.append((abs(report - graph) <= 0.01, f"{name}: {label}: integer share of {scope} MACs: "
+                               f"report summary {report:.1%}, optimized graph {graph:.1%} (agree within 1 point)"))
     return checks
 
 
@@ -364,7 +373,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             results[case.name] = rows
     table = [line for name, rows in results.items() for line in table_rows(name, rows, references[name])]
     print(format_table(["model", "engine", "ms/batch", "vs ORT", "vs mixq fp32", "cos", "cos median",
-                        "layers as asked", "int MACs (report)", "Linear int MACs (graph)", "all int MACs (graph)"],
+                        "layers as asked", "int Linear MACs (graph)",
+                        "int weight MACs (report / graph)", "int all MACs (report / graph)"],
                        table))
     for ok, text in targets(results, references):
         print(f"[{'ok' if ok else 'MISS'}] {text}")
