@@ -60,24 +60,6 @@ class ExampleSpec:
     qat_lr: float
 
 
-def for_backend(config_list: List[dict], backend: str) -> List[dict]:
-    """ONNX Runtime on x86 fuses a ReLU into the integer conv only when the activation after it is
-    affine uint8 (zero point 0 makes the clip redundant); TensorRT needs symmetric int8. Entries
-    that set no scheme get the backend's best activation scheme."""
-    if backend == "tensorrt":
-        return config_list
-    tuned = []
-    for entry in config_list:
-        entry = dict(entry)
-        acts = [t for t in entry.get("quant_types", []) if t != "weight"]
-        if acts and "quant_scheme" not in entry and "quant_dtype" not in entry:
-            entry["quant_scheme"] = {t: "per_tensor_affine" if t != "weight" else "per_channel_symmetric"
-                                     for t in entry["quant_types"]}
-            entry["quant_dtype"] = {t: "uint" if t != "weight" else "int" for t in entry["quant_types"]}
-        tuned.append(entry)
-    return tuned
-
-
 def build_parser(description: str, epochs: int, quick_note: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
@@ -245,12 +227,13 @@ def _build(spec: ExampleSpec, args: argparse.Namespace, model: nn.Module, strate
         engine = ModelSpeedup(model, spec.input_shape, config=None, extra_layer_bits=32, **common)
         engine.compress()
         return engine
-    config_list = for_backend(spec.configs[strategy], resolve_backend_name(args.backend))
+    config_list = spec.configs[strategy]  # which layers at which bits; the backend places the Q/DQ
+    backend = resolve_backend_name(args.backend)
     work = copy.deepcopy(model)
     calib_path = f"{stem}_calibration.json"
     if path == "qat":
         optimizer = torch.optim.SGD(work.parameters(), lr=spec.qat_lr, momentum=0.9)
-        quantizer = QAT_Quantizer(work, config_list, optimizer)
+        quantizer = QAT_Quantizer(work, config_list, optimizer, backend=backend)
         quantizer.compress()
         train(work, train_data, 0, spec.qat_lr, f"QAT {strategy}", optimizer=optimizer, max_steps=qat_steps)
         calibration = quantizer.export_model(None, calib_path)
@@ -259,7 +242,7 @@ def _build(spec: ExampleSpec, args: argparse.Namespace, model: nn.Module, strate
         engine = ModelSpeedup(work, spec.input_shape, config=None, extra_layer_bits=8,
                               calib_data_loader=calib_loader, **common)
     else:
-        quantizer = ObserverQuantizer(work, config_list)
+        quantizer = ObserverQuantizer(work, config_list, backend=backend)
         work.eval()
         with torch.no_grad():
             for batch in tqdm(calib_loader, desc=f"calibrate {strategy}", leave=False, disable=None):

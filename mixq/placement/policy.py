@@ -47,8 +47,11 @@ class PointSpec:
     layer: Optional[str] = None   # the config layer that asked for it, if one did
     kind: Optional[str] = None    # and for its 'input' or 'output'
 
-    def same_grid(self, other: "PointSpec") -> bool:
-        return (self.bits, self.scheme, self.dtype) == (other.bits, other.scheme, other.dtype)
+    def same_grid(self, other: "PointSpec", rules: OpRules) -> bool:
+        """Whether both quantize on one grid (an unset scheme/dtype is the backend's default)."""
+        def grid(spec: "PointSpec") -> tuple:
+            return spec.bits, spec.scheme or rules.default_scheme, spec.dtype or rules.default_dtype
+        return grid(self) == grid(other)
 
 
 @dataclass(frozen=True)
@@ -286,7 +289,7 @@ class _Policy:
             current = p.points.get(t)
             source = p.points.get(p.derived[t]) if t in p.derived else None
             if current is not None:
-                if current.layer is None or current.same_grid(spec):
+                if current.layer is None or current.same_grid(spec, self.rules):
                     p.points[t] = replace(spec, why=current.why or spec.why)
                 elif req.kind == "input":
                     for reader in req.readers:
@@ -294,7 +297,7 @@ class _Policy:
                 else:
                     p.requant[t] = spec
             elif source is not None:
-                if source.same_grid(spec):
+                if source.same_grid(spec, self.rules):
                     continue
                 if req.kind == "input":
                     for reader in req.readers:
