@@ -101,7 +101,7 @@ def auto_mixed_precision(model: nn.Module, config_list: List[Dict[str, Any]], ca
         raise ValueError(f"budget is the cost relative to quantizing every layer, so it must be >= 1, got {budget}")
     data = calibration_tensor(calib_data, num_samples).to(model_device(model))
     rows = list(sensitivity) if sensitivity is not None else layer_sensitivity(model, config_list, data, eval_fn,
-                                                                                num_samples)
+                                                                                len(data))
     rows = [r for r in rows if "weight" in r.bits]
     if budget is not None and callable(cost):
         keep = _within_measured_budget(config_list, rows, budget, cost)

@@ -50,7 +50,7 @@ from ..version import __version__
 from .calibration_check import check_calibration
 from .engine_io import EngineIO
 from ..placement.module_map import module_calls
-from ..placement.onnx_export import DEFAULT_EXPORTER, conv_bn_pairs, export_onnx
+from ..placement.onnx_export import DEFAULT_EXPORTER, check_exporter, conv_bn_pairs, export_onnx
 from .onnx_qdq import annotate
 from ..placement.locate import locate_points
 from .grid import grid_from_range
@@ -174,9 +174,11 @@ class ModelSpeedup:
         self.extra_layer_bits = extra_layer_bits
         self.calib_data_loader = calib_data_loader
         self.calib_batches = calib_batches
+        check_exporter(exporter)  # an unknown exporter or a missing onnxscript fails here, not after calibration
         self.exporter = exporter
         self.num_threads = resolve_threads(num_threads)
         self.plan: Optional[PrecisionPlan] = None
+        self.calibration: Optional[CalibrationConfig] = None
         self.annotated_model: Optional[onnx.ModelProto] = None
         self._engine: Optional[Engine] = None
         self._backend: Optional[Backend] = None
@@ -300,6 +302,7 @@ class ModelSpeedup:
         model = self._float_model()
         example = self._example_inputs()
         config, extra = self._resolve_config(model)
+        self.calibration = config  # what was built: the config, with what calibrating from data added
         check_calibration(model, config, lambda m: example.call(m))  # the calibration fits this model
         pairs = conv_bn_pairs(model, example)
         folds = choose_folds(model, pairs, config, placed=TENSORS_KEY in config)
@@ -377,7 +380,7 @@ class ModelSpeedup:
                 "backend_version": self._backend.version(), "input_names": self.input_names,
                 "output_names": self.output_names, "input_shapes": [list(s) for s in self.input_shapes],
                 "io": self.io.to_meta(), "batchsize": self.batchsize, "layer_nodes": self._layer_nodes,
-                "precision_report": self._report, "calibration": self.config or {}}
+                "precision_report": self._report, "calibration": self.calibration or {}}
         write_engine_file(path, meta, engine.serialize())
         logger.info("saved %s engine to %s", self.backend_name, path)
 
@@ -403,7 +406,7 @@ class ModelSpeedup:
             self.io.output_names = list(meta["output_names"])
         self.backend_name = meta["backend"]
         self.num_threads = threads
-        self.config = meta.get("calibration") or None
+        self.config = self.calibration = meta.get("calibration") or None
         self.plan = None
         self.annotated_model = None
         self._backend = backend
