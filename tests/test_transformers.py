@@ -236,8 +236,9 @@ class TokenMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
-def test_linear_on_3d_input_runs_an_integer_kernel_and_is_reported_int8(mode):
+def test_linear_on_3d_input_runs_an_integer_kernel_and_is_reported_int8(mode, exporter):
     torch.manual_seed(0)
     model = TokenMLP().eval()
     x = torch.randn(4, 12, 16)
@@ -247,9 +248,11 @@ def test_linear_on_3d_input_runs_an_integer_kernel_and_is_reported_int8(mode):
         with torch.no_grad():
             wrapped(torch.randn(32, 12, 16))
         quantizer.compress()
-        engine = ModelSpeedup(model, dummy_input=x, config=quantizer.calibration_config(), num_threads=2)
+        engine = ModelSpeedup(model, dummy_input=x, config=quantizer.calibration_config(), exporter=exporter,
+                              num_threads=2)
     else:
-        engine = ModelSpeedup(model, dummy_input=x, extra_layer_bits=8, dynamic=True, num_threads=2)
+        engine = ModelSpeedup(model, dummy_input=x, extra_layer_bits=8, dynamic=True, exporter=exporter,
+                              num_threads=2)
     engine.compress()
     exported = onnx.load_from_string(engine._engine.serialize())
     assert any(n.op_type == "Add" for n in exported.graph.node), "the bias of a 3-D Linear is a separate Add"
