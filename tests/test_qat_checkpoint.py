@@ -27,7 +27,7 @@ def test_state_dict_restores_ranges_and_outputs():
         optimizer.step()
     model.eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    assert any(k.startswith("mixq_points.") for k in state)
+    assert any(k.startswith("mixq_point_") for k in state)
 
     torch.manual_seed(1)
     restored = MnistNet()
@@ -37,4 +37,4 @@ def test_state_dict_restores_ranges_and_outputs():
     with torch.no_grad():
         torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
     assert other.calibration_config()[TENSORS_KEY] == quantizer.calibration_config()[TENSORS_KEY]
-    assert not any(k.startswith("mixq_points") for k in unwrapped_copy(restored).state_dict())
+    assert not any(k.startswith("mixq_point_") for k in unwrapped_copy(restored).state_dict())

@@ -14,7 +14,6 @@ from .bn_fold import find_conv_bn_pairs
 from .call_points import CallPoints, PointKey
 from .calibration import CalibrationConfig, save_calibration_config, validate_calibration_config
 from .layers import weight_axis
-from .point_ranges import ATTRIBUTE as POINT_RANGES
 from .point_ranges import PointRanges
 from .config import ConfigError, ConfigListSpec, LayerQuantConfig, module_names, is_matmul_site
 from .observers import NonFiniteTensorError
@@ -90,7 +89,7 @@ class Quantizer:
             check_dummy_input(model, dummy_input)
         # activation points (placement-aware quantizers): key -> (bits, scheme, dtype) and range
         self.point_grids: Dict[PointKey, Tuple[int, str, str]] = {}
-        self.point_ranges = PointRanges(())
+        self.point_ranges = PointRanges(model, ())
         self._call_points: Optional[CallPoints] = None
         self.modules_wrapper: Dict[str, QuantizerModuleWrapper] = {}
         for name, cfg in self.layer_configs.items():
@@ -159,9 +158,7 @@ class Quantizer:
         if self._call_points is not None:
             self._call_points.remove()
         self.point_grids = dict(grids)
-        self.point_ranges = PointRanges(list(grids))
-        device = next((p.device for p in self.bound_model.parameters()), torch.device("cpu"))
-        self.bound_model.add_module(POINT_RANGES, self.point_ranges.to(device))  # in the model's state_dict
+        self.point_ranges = PointRanges(self.bound_model, list(grids))  # buffers: in the model's state_dict
         self._call_points = CallPoints(self.bound_model, self._point_hook, keys=set(grids))
         return self._call_points
 

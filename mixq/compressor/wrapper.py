@@ -11,7 +11,7 @@ from torch.func import functional_call
 from .call_points import strip_hooks
 from .config import LayerQuantConfig
 from .layers import bn_factor
-from .point_ranges import ATTRIBUTE as POINT_RANGES
+from .point_ranges import remove_point_buffers
 from .observers import NonFiniteTensorError
 
 
@@ -118,8 +118,7 @@ def unwrapped_copy(model: nn.Module) -> nn.Module:
     memo = {id(m.quantizer): m.quantizer for m in model.modules() if isinstance(m, QuantizerModuleWrapper)}
     clone = copy.deepcopy(model, memo)
     strip_hooks(clone)
-    if isinstance(getattr(clone, POINT_RANGES, None), nn.Module):  # the quantizer's state, not the model's
-        delattr(clone, POINT_RANGES)
+    remove_point_buffers(clone)  # the quantizer's state, not the model's
     wrappers = [(n, m) for n, m in clone.named_modules(remove_duplicate=False) if isinstance(m, QuantizerModuleWrapper)]
     for name, wrapper in wrappers:  # every name: a module may be registered twice (self.alias = self.conv)
         set_submodule(clone, name, wrapper.module)
