@@ -93,6 +93,7 @@ def _bomb(path, meta, size: int, declared: int) -> str:
 
 # -- item 6: a payload that inflates far beyond its file ---------------------------------------
 
+@pytest.mark.slow  # subprocesses or a gigabyte-sized payload: seconds each
 def test_zip_bomb_is_refused_before_inflating(engine_file, tmp_path):
     _, meta, _ = engine_file
     path = _bomb(tmp_path / "bomb.mixq", meta, 256 * MB, declared=4096)
@@ -102,6 +103,7 @@ def test_zip_bomb_is_refused_before_inflating(engine_file, tmp_path):
     assert peak_mb(f"ModelSpeedup.load_quantized_model({path!r})") < 16
 
 
+@pytest.mark.slow  # subprocesses or a gigabyte-sized payload: seconds each
 def test_a_consistent_bomb_costs_at_most_twice_its_declared_size(engine_file, tmp_path):
     _, meta, _ = engine_file
     path = _bomb(tmp_path / "bomb.mixq", meta, 128 * MB, declared=128 * MB)
@@ -191,6 +193,7 @@ def test_deeply_nested_meta_is_an_engine_format_error(engine_file, tmp_path):
         read_engine_file(str(deep))
 
 
+@pytest.mark.slow  # subprocesses or a gigabyte-sized payload: seconds each
 def test_a_large_batchsize_costs_no_memory_at_load(engine_file, tmp_path):
     _, meta, payload = engine_file
     path = craft(tmp_path / "e.mixq", meta, payload, batchsize=200000)
@@ -248,6 +251,7 @@ def test_bad_payloads_are_engine_format_errors_naming_the_file(engine_file, tmp_
     assert path in str(info.value) and len(str(info.value).splitlines()) == 1
 
 
+@pytest.mark.slow  # subprocesses or a gigabyte-sized payload: seconds each
 def test_mixq_bench_on_a_bad_payload_is_one_line(engine_file, tmp_path):
     _, meta, _ = engine_file
     payload = PAYLOADS["custom-domain"]
@@ -307,6 +311,7 @@ with atomic_output(sys.argv[1]) as fh:
 """
 
 
+@pytest.mark.slow  # subprocesses or a gigabyte-sized payload: seconds each
 def test_temp_files_of_killed_writers_are_removed_by_the_next_write(engine_file, tmp_path):
     _, meta, payload = engine_file
     target = tmp_path / "e.mixq"

@@ -18,6 +18,7 @@ import pytest
 README = Path(__file__).resolve().parent.parent / "README.md"
 SLOW = {
     "Low-bit post-training quantization": "block reconstruction trains every unit (minutes on 2 cores)",
+    "Sensitivity analysis": "quantizes every layer in turn and builds engines (tens of seconds)",
 }
 TIMEOUT_S = 900
 

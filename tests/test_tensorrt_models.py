@@ -141,7 +141,7 @@ def _hf_vit() -> ModelCase:
 MODELS: Dict[str, ModelCase] = {
     "mnist": ModelCase(MnistNet, (1, 1, 28, 28), lambda m: MNIST_INT8, lambda m: MNIST_MIXED),
     "resnet18_cifar": ModelCase(resnet18_cifar, (1, 3, 32, 32), lambda m: CIFAR_INT8, lambda m: CIFAR_MIXED,
-                                slow=("int8-auto",)),
+                                marks=(pytest.mark.slow,)),
     "resnet50": _zoo("resnet50"),
     "mobilenet_v2": _zoo("mobilenet_v2"),
     "mobilenet_v3_large": _zoo("mobilenet_v3_large"),
