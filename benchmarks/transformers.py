@@ -184,7 +184,7 @@ def build_rows(case: Case, tmp: str, threads: int) -> List[Row]:
     output = fp32.output_names[list(fp32.io.output_structure.keys).index("logits")]
     dynamic = mixq_engine(case, calibrated(case.model, DYNAMIC_CONFIG, [], case.held_out[0]), threads)
     static = mixq_engine(case, calibrated(case.model, case.static_config, case.calib, case.calib[0]), threads)
-    with np.errstate(all="ignore"):  # ORT's MinMax divides by a zero range on constant tensors (zero point 0)
+    with np.errstate(all="ignore"):  # ORT's MinMax warns dividing by a constant tensor's zero range
         ort_static = ob.ort_quantize_static(graph, [numpy_feeds(b) for b in case.calib])
     return [mixq_row(MIXQ_FP32, case, fp32, tmp), mixq_row(MIXQ_DYN, case, dynamic, tmp),
             ort_row(ORT_DYN, case, ob.ort_quantize_dynamic(graph), output, tmp, threads),
