@@ -246,3 +246,10 @@ def test_uniform_int8_calibrates_the_output_of_a_bn_feeding_an_add():
     report = {r["layer"]: r for r in engine.precision_report()}
     assert report["conv"]["actual"] == report["fc"]["actual"] == "int8", report
     assert "QLinearAdd" in engine._engine.optimized_op_types  # the BN output meeting the Add was calibrated
+
+
+def test_a_config_list_where_a_calibration_is_expected_says_so(small_mnist):
+    model, _ = small_mnist
+    config_list = [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Conv2d"]}]
+    with pytest.raises(TypeError, match="got a config list: calibrate the config list with a quantizer first"):
+        ModelSpeedup(model, (8, 1, 28, 28), config=config_list)

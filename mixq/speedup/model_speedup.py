@@ -168,6 +168,12 @@ class ModelSpeedup:
         self.batchsize = int(batchsize if batchsize is not None else default_batch)
         if self.batchsize < 1:
             raise ValueError(f"batchsize must be >= 1, got {batchsize}")
+        if config is not None and not isinstance(config, (str, os.PathLike, dict)):
+            kind = "a config list" if isinstance(config, list) else type(config).__name__
+            raise TypeError(f"config= takes a calibration config (the dict quantizer.export_model returns, or its JSON "
+                            f"path), got {kind}: calibrate the config list with a quantizer first (ObserverQuantizer or "
+                            "QAT_Quantizer, then export_model), or pass config=None with extra_layer_bits=8 and "
+                            "calib_data_loader=")
         self.config = load_calibration_config(config) if isinstance(config, (str, os.PathLike)) else config
         self.backend_name = resolve_backend_name(backend or self.default_backend)
         self.onnx_path = onnx_path
