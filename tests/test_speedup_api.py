@@ -253,3 +253,12 @@ def test_a_config_list_where_a_calibration_is_expected_says_so(small_mnist):
     config_list = [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Conv2d"]}]
     with pytest.raises(TypeError, match="got a config list: calibrate the config list with a quantizer first"):
         ModelSpeedup(model, (8, 1, 28, 28), config=config_list)
+
+
+def test_sparse_and_meta_inputs_are_one_line_errors(int8_engine):
+    engine, _, _ = int8_engine
+    x = torch.zeros(4, 1, 28, 28)
+    with pytest.raises(TypeError, match="pass a dense one"):
+        engine.inference(x.to_sparse())
+    with pytest.raises(ValueError, match="meta device"):
+        engine.inference(torch.empty(4, 1, 28, 28, device="meta"))
