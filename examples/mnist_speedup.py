@@ -9,7 +9,7 @@ fp32 engine, accuracy, ONNX size and the per-layer precision that actually ran.
   python3 examples/mnist_speedup.py --data-dir ~/data      # torchvision layout; downloads if missing
 
 Without --data-dir (or $MIXQ_DATA) it uses the official MNIST test set vendored in
-examples/data, split 8,000 train / 2,000 test.
+mixq/data, split 8,000 train / 2,000 test.
 """
 import sys
 from pathlib import Path
@@ -40,7 +40,7 @@ def load_data(data_dir, no_download):
         except DatasetNotFound:
             if no_download or not download_mnist(data_dir):
                 print(f"MNIST not found under {data_dir} and not downloadable here; "
-                      "falling back to the copy vendored in examples/data")
+                      "falling back to the copy vendored in mixq/data")
                 data_dir = None
     train, test, source = load_mnist(data_dir)
     print(f"MNIST: {len(train[0])} train / {len(test[0])} test images from {source}")

@@ -2,7 +2,7 @@
 
 ``root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` and
 ``root/cifar-10-batches-py/{data_batch_1..5,test_batch}``. The official MNIST test set is
-vendored in the repository (``examples/data``) so that tests and the MNIST example run with
+vendored in the package (``mixq/data``) so that tests and the MNIST example run with
 no network: :func:`load_mnist` falls back to it, splitting it 8,000 train / 2,000 test.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-VENDORED_DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
+VENDORED_DATA = Path(__file__).resolve().parent / "data"  # package data: there in every install
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)

@@ -64,7 +64,7 @@ def test_mnist_example_quick_with_vendored_fallback(tmp_path):
     empty = tmp_path / "no-data-here"
     empty.mkdir()
     result, results = run_example("mnist_speedup.py", tmp_path / "out", "--data-dir", str(empty))
-    assert "falling back to the copy vendored in examples/data" in result.stdout
+    assert "falling back to the copy vendored in mixq/data" in result.stdout
     check_results(results, "mnist", tmp_path / "out")
     assert "speedup" in result.stdout and "precision that ran" in result.stdout
     for stage in ("train fp32: step", "QAT int8: step", "calibrate mixed:", "int8/ptq: engine built", "timed 5 engines"):
