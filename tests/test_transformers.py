@@ -299,7 +299,8 @@ def test_automatic_dynamic_path_needs_no_data_and_stays_close(bert, bert_dynamic
 @pytest.mark.parametrize("mutate, error, match", [
     (lambda d: {"input_ids": d["input_ids"]}, ValueError, r"missing \['attention_mask'\]"),
     (lambda d: {**d, "token_type_ids": torch.zeros_like(d["input_ids"])}, ValueError, r"unknown \['token_type_ids'\]"),
-    (lambda d: {**d, "input_ids": d["input_ids"].float()}, ValueError, r"'input_ids' has dtype torch.float32.*x.long\(\)"),
+    (lambda d: {**d, "input_ids": d["input_ids"].float()}, ValueError,
+     r"'input_ids' has dtype torch.float32.*x.long\(\)"),
     (lambda d: {**d, "attention_mask": d["attention_mask"][:, :8]}, ValueError, r"'attention_mask' has shape \(4, 8\)"),
     (lambda d: {**d, "input_ids": d["input_ids"][0]}, ValueError, r"'input_ids' has shape \(16,\) \(rank 1\)"),
     (lambda d: {**d, "attention_mask": d["attention_mask"][:2]}, ValueError, r"different batch sizes \[2, 4\]"),
