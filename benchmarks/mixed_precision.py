@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -30,6 +29,7 @@ from mixq.datasets import load_cifar10, shared_data_dir
 from mixq.models import resnet20_cifar
 from mixq.quantizers import ObserverQuantizer
 from mixq.speedup import ModelSpeedup
+from mixq.timing import best_median_s, time_calls
 
 REPO = Path(__file__).resolve().parent.parent
 CHECKPOINT = REPO / "tests" / "data" / "resnet20_cifar.pt"
@@ -72,14 +72,9 @@ def engine_accuracy(engine: ModelSpeedup, x: torch.Tensor, y: torch.Tensor) -> f
 def latencies(engines: Dict[str, ModelSpeedup], batch: torch.Tensor, runs: int, warmup: int, rounds: int
               ) -> Dict[str, float]:
     """Lowest (over rounds) median latency in seconds of one batch, engines timed one at a time."""
-    best = {name: float("inf") for name in engines}
-    for _ in range(rounds):
-        for name, engine in engines.items():
-            for _ in range(warmup):
-                engine.inference(batch)
-            median = statistics.median(engine.inference(batch)[1] for _ in range(runs))
-            best[name] = min(best[name], median)
-    return best
+    rounds_timed = [{name: time_calls(lambda: engine.inference(batch), runs, warmup) for name, engine in engines.items()}
+                    for _ in range(rounds)]
+    return {name: best_median_s([timed[name] for timed in rounds_timed]) for name in engines}
 
 
 def engine_latency(model: torch.nn.Module, calib: torch.Tensor, batch: torch.Tensor,

@@ -28,12 +28,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
+
+from mixq.timing import time_calls
 
 logger = logging.getLogger(__name__)
 
@@ -196,21 +197,6 @@ def run_onnx(model: ModelLike, feeds: Feeds, threads: int = 2) -> List[np.ndarra
     return session.run(None, _feed_dict(model, feeds))
 
 
-def _median_latency(run, warmup: int, runs: int, min_seconds: float) -> Tuple[float, int]:
-    warm = []
-    for _ in range(max(1, warmup)):
-        start = time.perf_counter()
-        run()
-        warm.append(time.perf_counter() - start)
-    runs = max(runs, min(1000, int(min_seconds / max(min(warm), 1e-6))))  # fast models: ~min_seconds of runs
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), runs
-
-
 def _child(kind: str, path: str, feeds_path: str, runs: int, warmup: int, threads: int,
            min_seconds: float) -> None:
     """Time one engine in this (fresh) process and print one JSON line."""
@@ -232,8 +218,8 @@ def _child(kind: str, path: str, feeds_path: str, runs: int, warmup: int, thread
         run = lambda: engine.inference(x)  # noqa: E731  (wall clock around the call, copies included)
     else:
         raise ValueError(f"unknown engine kind {kind!r}: 'onnx' or 'mixq'")
-    median, n = _median_latency(run, warmup, runs, min_seconds)
-    print(json.dumps({"median_s": median, "runs": n}))
+    latency = time_calls(run, runs, warmup, min_seconds)
+    print(json.dumps({"median_s": latency.median_s, "runs": latency.runs}))
 
 
 class TimedEngine(NamedTuple):

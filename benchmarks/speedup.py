@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -35,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mixq.datasets import load_cifar10, load_mnist, shared_data_dir  # noqa: E402
 from mixq.models import MnistNet, resnet18_cifar, train_epochs  # noqa: E402
 from mixq.speedup.precision_report import layer_rows  # noqa: E402
+from mixq.timing import time_calls  # noqa: E402
 
 AFFINE_U8 = {"quant_scheme": "per_tensor_affine", "quant_dtype": "uint"}
 
@@ -129,7 +129,7 @@ def child(kind: str, path: str, shape: List[int], runs: int, warmup: int, thread
         from mixq.speedup import ModelSpeedup
 
         engine = ModelSpeedup.load_quantized_model(path, num_threads=threads)
-        run = lambda: engine.inference(x)[1]  # noqa: E731  (the call's own latency figure)
+        run = lambda: engine.inference(x)  # noqa: E731
     elif kind == "onnx":
         import onnxruntime as ort
 
@@ -138,25 +138,17 @@ def child(kind: str, path: str, shape: List[int], runs: int, warmup: int, thread
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         feed = {session.get_inputs()[0].name: x.numpy()}
-
-        def run() -> float:
-            start = time.perf_counter()
-            session.run(None, feed)
-            return time.perf_counter() - start
+        run = lambda: session.run(None, feed)  # noqa: E731
     else:
         torch.set_num_threads(threads)
         model = (MnistNet() if kind == "torch-mnist" else resnet18_cifar()).eval()
         model.load_state_dict(torch.load(path, weights_only=True))
 
-        def run() -> float:
-            start = time.perf_counter()
+        def run() -> None:
             with torch.no_grad():
                 model(x)
-            return time.perf_counter() - start
-    warm = [run() for _ in range(warmup)]
-    runs = max(runs, min(1000, int(1.0 / max(min(warm), 1e-6))))  # fast engines: about a second of runs
-    times = [run() for _ in range(runs)]
-    print(json.dumps({"median_s": float(np.median(times))}))
+    latency = time_calls(run, runs, warmup, min_seconds=1.0)  # fast engines: about a second of runs
+    print(json.dumps({"median_s": latency.median_s}))
 
 
 def trained_mnist() -> MnistNet:

@@ -16,7 +16,6 @@ import copy
 import json
 import logging
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -35,6 +34,7 @@ from mixq.speedup import BackendUnavailable, ModelSpeedup, get_backend
 from mixq.speedup.backends import resolve_backend_name
 from mixq.speedup.precision_report import layer_rows
 from mixq.table import format_table
+from mixq.timing import time_round_robin
 
 Split = Tuple[torch.Tensor, torch.Tensor]
 STRATEGIES = ("fp32", "mixed", "int8")
@@ -131,14 +131,10 @@ def engine_accuracy(engine: ModelSpeedup, data: Split, batch_size: int) -> float
 def interleaved_latency(engines: Dict[str, ModelSpeedup], batch: torch.Tensor, runs: int) -> Dict[str, float]:
     """Median milliseconds of ``inference(batch)`` per engine, timed round-robin after warm-up so
     that load from other processes on a shared machine falls on every engine alike."""
-    for engine in engines.values():
-        for _ in range(3):
-            engine.inference(batch)
-    times: Dict[str, List[float]] = {label: [] for label in engines}
-    for _ in tqdm(range(runs), desc="timing engines", unit="round", leave=False, disable=None):
-        for label, engine in engines.items():
-            times[label].append(engine.inference(batch)[1])
-    return {label: statistics.median(t) * 1e3 for label, t in times.items()}
+    calls = {label: (lambda engine=engine: engine.inference(batch)) for label, engine in engines.items()}
+    timed = time_round_robin(calls, runs, progress=lambda r: tqdm(r, desc="timing engines", unit="round",
+                                                                  leave=False, disable=None))
+    return {label: latency.median_s * 1e3 for label, latency in timed.items()}
 
 
 BITS = {"int8": 8, "fp16": 16, "fp32": 32}

@@ -4,20 +4,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 import zipfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from .compressor.calibration import (PLACEMENT_KEY, TENSORS_KEY, CalibrationConfig, CalibrationError, layer_entries,
                                      load_calibration_config)
 from .compressor.fake_quant import is_integer_bits, qparams_from_range
 from .table import format_table
+from .timing import time_calls
 
 _UNITS = ((2 ** 40, "TB"), (2 ** 30, "GB"), (2 ** 20, "MB"), (2 ** 10, "KB"))
 
@@ -133,17 +131,11 @@ def _bench(path: str, batch_size: int, runs: int, warmup: int) -> str:
     from .speedup import ModelSpeedup
     engine = ModelSpeedup.load_quantized_model(path)
     x = _random_inputs(engine, batch_size)
-    for _ in range(warmup):
-        engine.inference(x)
-    times = []
-    for _ in tqdm(range(runs), desc="timing", unit="run", file=sys.stderr):
-        start = time.perf_counter()
-        engine.inference(x)
-        times.append(time.perf_counter() - start)
-    ms = np.array(times) * 1e3
-    median = statistics.median(ms)
-    rows = [[engine.backend_name, batch_size, runs, _fmt(median), _fmt(np.percentile(ms, 10)),
-             _fmt(np.percentile(ms, 90)), f"{batch_size / median * 1e3:.1f}"]]
+    latency = time_calls(lambda: engine.inference(x), runs, warmup,
+                         progress=lambda r: tqdm(r, desc="timing", unit="run", file=sys.stderr))
+    median = latency.median_s * 1e3
+    rows = [[engine.backend_name, batch_size, runs, _fmt(median), _fmt(latency.percentile_s(10) * 1e3),
+             _fmt(latency.percentile_s(90) * 1e3), f"{batch_size / median * 1e3:.1f}"]]
     return format_table(["backend", "batch", "runs", "median ms", "p10 ms", "p90 ms", "images/s"], rows)
 
 
