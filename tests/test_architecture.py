@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Dict, Set
 
 ROOT = Path(__file__).resolve().parent.parent / "mixq"
-LAYERS = {"atomic_io": 0, "table": 0, "messages": 0, "version": 0, "compressor": 1, "placement": 2, "quantizers": 3, "search": 4, "speedup": 5,
+LAYERS = {"atomic_io": 0, "table": 0, "messages": 0, "version": 0, "timing": 0, "compressor": 1, "placement": 2, "quantizers": 3, "search": 4, "speedup": 5,
           "zoo": 6, "datasets": 6, "models": 6, "cli": 7, "__init__": 8}
 
 
