@@ -63,6 +63,7 @@ from mixq.quantizers import ObserverQuantizer  # noqa: E402
 from mixq.speedup import ModelSpeedup  # noqa: E402
 from mixq.speedup.precision_report import layer_rows, summary_row  # noqa: E402
 from mixq.table import format_table  # noqa: E402
+from mixq.timing import time_calls  # noqa: E402
 from mixq.zoo.images import image_source, sample_images  # noqa: E402
 
 Batch = Dict[str, torch.Tensor]
@@ -232,8 +233,8 @@ def _child(path: str, feeds_path: str, runs: int, warmup: int, threads: int, min
     with np.load(feeds_path) as data:
         tensors = {k: torch.from_numpy(data[k]) for k in data.files}
     inputs = tensors if engine.io.keyword else tuple(tensors[s.name] for s in engine.io.inputs)
-    median, n = ob._median_latency(lambda: engine.inference(inputs), warmup, runs, min_seconds)
-    print(json.dumps({"median_s": median, "runs": n}))
+    latency = time_calls(lambda: engine.inference(inputs), runs, warmup, min_seconds)
+    print(json.dumps({"median_s": latency.median_s, "runs": latency.runs}))
 
 
 def _time_mixq(path: str, feeds_path: str, runs: int, warmup: int, threads: int, min_seconds: float) -> float:
