@@ -49,11 +49,10 @@ def test_mnist_engine_agrees_with_simulation(trained_mnist, mnist, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_cifar_resnet20_engine_agrees_with_simulation(cifar_root, name):
-    """A 78%-accurate ResNet-20 has many near-ties: float32 rounding (torch's convolutions against
-    ONNX's, both on the same Q/DQ grids) flips a code here and there and, compounded over 20
-    layers, about 0.8% of the predictions; ONNX Runtime's own unfused Q/DQ reference graph agrees
-    with the simulation no better. The accuracy itself is the same (measured: 77.62% both)."""
+    """The engine adds each bias as int32 codes on the grid input_scale * weight_scale; the
+    simulation rounds it alike (without that, 0.8% of this 78%-accurate model's predictions
+    flipped). What remains is float32 near-ties compounding over 20 layers."""
     (xtr, _), (xte, _) = load_cifar10(cifar_root)
     model = resnet20_cifar()
     model.load_state_dict(torch.load(CHECKPOINT, weights_only=True))
-    assert _agreement(model.eval(), CONFIGS[name], xtr[:512], xte[:5000], (128, 3, 32, 32)) >= 0.99
+    assert _agreement(model.eval(), CONFIGS[name], xtr[:512], xte[:5000], (128, 3, 32, 32)) >= 0.995

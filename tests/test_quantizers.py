@@ -90,8 +90,13 @@ def test_fake_quant_equals_numpy_with_exported_params(trained_mnist, mnist):
     w = model.conv2.module.weight.detach().numpy()
     scale = np.array(c["weight_scale"], np.float32)
     wq = np.clip(np.rint(w / scale[:, None, None, None]), -128, 127) * scale[:, None, None, None]
+    # the bias as the engine holds it: int32 codes on the grid input_scale * weight_scale
+    lo, hi = min(c["tracked_min_input"], 0.0), max(c["tracked_max_input"], 0.0)
+    bias_step = np.float32(np.float32((hi - lo) / 255) * scale)
+    bias = model.conv2.module.bias.detach().numpy().astype(np.float64)
+    bq = (np.rint(bias / bias_step.astype(np.float64)) * bias_step).astype(np.float32)
     ref = F.conv2d(torch.from_numpy(xq.astype(np.float32)), torch.from_numpy(wq.astype(np.float32)),
-                   model.conv2.module.bias)
+                   torch.from_numpy(bq))
     torch.testing.assert_close(captured["y"], ref, rtol=1e-5, atol=1e-5)
     r = calib["relu2"]
     rq = np_fake_quant(np.clip(captured["r_in"].numpy(), 0, 6), r["tracked_min_output"], r["tracked_max_output"], 8,

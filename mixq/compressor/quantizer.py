@@ -133,6 +133,25 @@ class Quantizer:
         """The range the weight is quantized with (min/max by default)."""
         return weight_range(weight, wrapper.config.scheme["weight"], weight_axis(wrapper.module))
 
+    def bias_scales(self, wrapper: QuantizerModuleWrapper, weight: torch.Tensor
+                    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(input_scale, weight_scale)`` whose product is the grid the engine's int32 bias of
+        ``wrapper`` lies on, or None while its input or weight is not quantized."""
+        key = wrapper.bias_point
+        cfg = wrapper.config
+        if key is None or key not in self.point_grids or not self.weights_active(wrapper) \
+                or not is_integer_bits(cfg.bits["weight"]):
+            return None
+        bits, scheme, dtype = self.point_grids[key]
+        lo, hi = self.point_ranges[key]
+        if not is_integer_bits(bits) or bool(torch.isnan(lo)):
+            return None
+        input_scale, _ = qparams_from_range(lo.detach(), hi.detach(), bits, scheme, dtype)
+        wlo, whi = self.weight_range(wrapper, weight)
+        weight_scale, _ = qparams_from_range(wlo.detach(), whi.detach(), cfg.bits["weight"], cfg.scheme["weight"],
+                                             cfg.dtype["weight"])
+        return input_scale, weight_scale
+
     def quantize_dynamic_input(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
         """The input of a dynamically quantized layer as the engine computes it: uint8, per tensor,
         with the range of this very tensor (ONNX ``DynamicQuantizeLinear``), whenever the layer's

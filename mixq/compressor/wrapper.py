@@ -34,6 +34,9 @@ class QuantizerModuleWrapper(nn.Module):
         self.__dict__["_quantizer"] = quantizer  # a plain reference: NNI code may drop its own
         self.__dict__["bn"] = None  # a following BatchNorm whose folding is simulated (not a submodule)
         self.bn_name: Optional[str] = None
+        # where the engine adds the bias in int32 (see set_integer_bias)
+        self.bias_point: Optional[str] = None
+        self.__dict__["export_bn"] = None
         # the quant types this wrapper fake-quantizes itself; a placement-aware quantizer keeps
         # only 'weight' here and quantizes activations where the backend places them
         self.simulated_types: List[str] = list(config.quant_types)
@@ -61,6 +64,13 @@ class QuantizerModuleWrapper(nn.Module):
         """Simulate folding ``bn`` into this conv's weight (the BN module itself still runs)."""
         self.__dict__["bn"] = bn
         self.bn_name = bn_name
+
+    def set_integer_bias(self, point: Optional[str], export_bn: Optional[nn.Module]) -> None:
+        """The engine holds this layer's bias (with ``export_bn`` folded in, the BatchNorm the
+        export folds into it) as int32 codes on the grid ``scale(point) * weight_scale``: simulate
+        that rounding. ``point=None``: the bias stays float."""
+        self.bias_point = point
+        self.__dict__["export_bn"] = export_bn
 
     def bn_scale(self) -> torch.Tensor:
         """Per-output-channel factor gamma / sqrt(running_var + eps) of the attached BN."""
@@ -95,19 +105,59 @@ class QuantizerModuleWrapper(nn.Module):
         return out
 
     def _forward_weight(self, q: Any, args: tuple, kwargs: dict) -> torch.Tensor:
-        qweight = q.quantize_weight(self, self.effective_weight())
-        if self.__dict__["bn"] is None:
+        weight = self.effective_weight()
+        qweight = q.quantize_weight(self, weight)
+        attached = self.__dict__["bn"]
+        scales = q.bias_scales(self, weight) if self.bias_point is not None else None
+        if attached is None and scales is None:
             return functional_call(self.module, {"weight": qweight}, args, kwargs)
-        bias = self.module.bias
         params = {"weight": qweight}
-        if bias is not None:
-            params["bias"] = torch.zeros_like(bias)
+        if self.module.bias is not None:
+            params["bias"] = torch.zeros_like(self.module.bias)
         out = functional_call(self.module, params, args, kwargs)
         shape = [1, -1] + [1] * (out.dim() - 2)
-        factor = self.bn_scale()
-        factor = torch.where(factor == 0, torch.ones_like(factor), factor)  # gamma 0: BN ignores this channel
-        out = out / factor.reshape(shape)
-        return out + bias.reshape(shape) if bias is not None else out
+        if attached is not None:
+            out = out / _nonzero(bn_factor(attached)).reshape(shape)
+        return out + self._engine_bias(scales, out.shape[1]).reshape(shape)
+
+    def _engine_bias(self, scales: Optional[tuple], channels: int) -> torch.Tensor:
+        """The bias as the engine adds it, in this module's output frame (before the BatchNorm,
+        which still runs): BN folded in, rounded to the int32 grid, unfolded again."""
+        bias = self.module.bias
+        if bias is None:
+            bias = self.module.weight.new_zeros(channels)
+        if scales is None:
+            return bias
+        input_scale, weight_scale = scales
+        attached = self.__dict__["bn"]
+        bn = attached if attached is not None else self.__dict__["export_bn"]
+        if bn is None:
+            return _round_to_grid(bias, input_scale * weight_scale)
+        factor = bn_factor(bn)
+        if attached is None:  # the weight was quantized unfolded: the export scales its grid by |factor|
+            weight_scale = weight_scale * factor.abs()
+        beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+        folded = (bias - bn.running_mean) * factor + beta
+        unfolded = (_round_to_grid(folded, input_scale * weight_scale) - beta) / _nonzero(factor) + bn.running_mean
+        return torch.where(factor == 0, bias, unfolded)  # gamma 0: BN ignores this channel
+
+
+_INT32_MAX = 2 ** 31 - 1
+
+
+def _nonzero(factor: torch.Tensor) -> torch.Tensor:
+    return torch.where(factor == 0, torch.ones_like(factor), factor)
+
+
+def _round_to_grid(bias: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``bias`` rounded to multiples of ``step`` as the engine's int32 codes hold it (computed in
+    float64, as the export does; the gradient passes straight through). A bias beyond the int32
+    range stays float in the engine, and here."""
+    step = torch.broadcast_to(step.to(bias.device), bias.shape).detach()
+    codes = torch.round(bias.detach().double() / step.double())
+    if bool((codes.abs() > _INT32_MAX).any()):
+        return bias
+    return bias + ((codes * step.double()).to(bias.dtype) - bias).detach()
 
 
 def unwrapped_copy(model: nn.Module) -> nn.Module:

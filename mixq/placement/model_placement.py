@@ -59,6 +59,8 @@ class PointPlan:
     tensor_keys: Dict[str, PointKey] = field(default_factory=dict)         # ONNX tensor -> key
     node_layers: Dict[str, str] = field(default_factory=dict)              # ONNX node -> configured layer
     point_tensors: Dict[PointKey, str] = field(default_factory=dict)       # key -> ONNX tensor (this exporter's name)
+    bias_inputs: Dict[str, PointKey] = field(default_factory=dict)         # layer -> point scaling its int32 bias
+    folded_bn: Dict[str, str] = field(default_factory=dict)                # conv -> the BatchNorm the export folds in
 
     def grid(self, key: PointKey, rules: Optional[OpRules] = None) -> Tuple[int, str, str]:
         """``(bits, scheme, dtype)`` of a point, the backend's default filled in."""
@@ -87,6 +89,7 @@ def plan_points(model: nn.Module, example_inputs: Any, intents: Mapping[str, Lay
     plan = PointPlan(backend)
 
     int_nodes: List[str] = []
+    weight_nodes: Dict[str, List[str]] = {}
     float_nodes: Set[str] = set()
     for name in excluded:
         float_nodes |= module_tree_nodes(calls, name)
@@ -114,6 +117,7 @@ def plan_points(model: nn.Module, example_inputs: Any, intents: Mapping[str, Lay
                 w = [n for n in nodes if g.by_name[n].op_type in WEIGHTED_OPS and g.weight_initializer(g.by_name[n])]
                 if len(w) == 1:
                     int_nodes.append(w[0])
+                    weight_nodes.setdefault(name, []).append(w[0])
                 else:
                     plan.notes[name] = f"expected one Conv/Gemm/MatMul node with a stored weight, found {len(w)}"
             for kind, spec in intent.activations.items():
@@ -151,6 +155,8 @@ def plan_points(model: nn.Module, example_inputs: Any, intents: Mapping[str, Lay
             continue
         edge_keys[(tensor, reader)] = key
         plan.points[key] = spec
+    plan.bias_inputs = _bias_inputs(g, placement, weight_nodes, keys, edge_keys, set(plan.points))
+    plan.folded_bn = {conv: f.bn for conv, f in exported.folded.items()}
     for req in requests:
         tensor = placement.moved.get(req.tensor, req.tensor)
         if req.kind == "input" and req.readers and (req.tensor, req.readers[0]) in edge_keys:
@@ -172,6 +178,33 @@ def plan_points(model: nn.Module, example_inputs: Any, intents: Mapping[str, Lay
     logger.info("placement for %s: %d quantized tensors, %d integer nodes", backend, len(plan.points),
                 len(placement.integer_nodes))
     return plan
+
+
+def _bias_inputs(g: OnnxGraph, placement: Placement, weight_nodes: Mapping[str, List[str]],
+                 keys: Mapping[str, PointKey], edge_keys: Mapping[Tuple[str, str], PointKey],
+                 points: Set[PointKey]) -> Dict[str, PointKey]:
+    """``{layer: point}`` for the integer Conv/Gemm layers with a bias: the engine stores that bias
+    as int32 codes on the grid ``input_scale * weight_scale`` (ONNX Runtime's QLinearConv and
+    QGemm add it in integer; TensorRT gets the same rounded values), so the simulation rounds it
+    too. A module called on inputs with different grids gets none (its calls would disagree)."""
+    found = {}
+    for layer, nodes in weight_nodes.items():
+        candidates = set()
+        for name in nodes:
+            node = g.by_name[name]
+            if name not in placement.integer_nodes or node.op_type not in ("Conv", "Gemm") \
+                    or len(node.input) < 3 or not node.input[2]:
+                candidates.add(None)
+                continue
+            tensor = node.input[0]
+            if (tensor, name) in edge_keys:
+                candidates.add(edge_keys[(tensor, name)])
+            else:
+                key = keys.get(tensor if tensor in placement.requant else placement.derived.get(tensor, tensor))
+                candidates.add(key if key in points else None)
+        if len(candidates) == 1 and None not in candidates:
+            found[layer] = candidates.pop()
+    return found
 
 
 __all__ = ["LayerIntent", "PointPlan", "plan_points"]

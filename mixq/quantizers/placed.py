@@ -22,6 +22,7 @@ from ..compressor.fake_quant import is_integer_bits
 from ..compressor.model_io import ModelInputs
 from ..compressor.observers import NonFiniteTensorError
 from ..compressor.quantizer import Quantizer
+from ..compressor.wrapped import is_wrapper
 from ..compressor.wrapper import unwrapped_copy
 from ..placement.model_placement import LayerIntent, PointPlan, plan_points
 from ..placement.op_rules import auto_backend
@@ -122,7 +123,17 @@ class PlacementMixin:
         self.point_plan = plan_points(model, example, self._intents(), self.backend, self.excluded)
         grids = {key: self.point_plan.grid(key) for key in self.point_plan.points}
         self.install_points(grids)
+        self._simulate_integer_biases(self.point_plan)
         self._on_points_placed()
+
+    def _simulate_integer_biases(self: Quantizer, plan: PointPlan) -> None:
+        """Tell each wrapper where the engine rounds its bias to int32 (and which BatchNorm the
+        export folds into it first)."""
+        for name, wrapper in self.modules_wrapper.items():
+            point = plan.bias_inputs.get(name)
+            bn_name = plan.folded_bn.get(name)
+            bn = self.bound_model.get_submodule(bn_name) if point is not None and bn_name else None
+            wrapper.set_integer_bias(point, bn.module if is_wrapper(bn) else bn)
 
     def _on_points_placed(self) -> None:
         """Subclasses create per-point state here (observers...)."""
