@@ -207,10 +207,7 @@ class MhaAttention(nn.Module):
 @pytest.mark.parametrize("make, dim", [
     (lambda: SdpaAttention(16, 2), 16),
     (lambda: MhaAttention(12, 3), 12),
-    pytest.param(lambda: MhaAttention(16, 2), 16, marks=pytest.mark.xfail(
-        strict=True, reason="mixq bug: export sets requires_grad=False, so PyTorch's MultiheadAttention takes its "
-                            "fast path (even head count, batch first, self-attention), which the torchscript "
-                            "exporter cannot export (aten::_native_multi_head_attention)")),
+    (lambda: MhaAttention(16, 2), 16),  # PyTorch's fused fast path (even heads, batch first, self-attention)
 ], ids=["sdpa", "mha-3-heads", "mha-fast-path"])
 def test_attention_builds_an_fp32_engine(make, dim):
     torch.manual_seed(0)

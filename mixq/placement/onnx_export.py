@@ -144,6 +144,19 @@ def quiet_export() -> Iterator[List[str]]:
                         tracer.append(text)
 
 
+@contextlib.contextmanager
+def _mha_fastpath_off() -> Iterator[None]:
+    """``nn.MultiheadAttention`` in eval mode without gradients takes a fused fast path
+    (``aten::_native_multi_head_attention``) that the torchscript exporter cannot write; the
+    regular path computes the same attention in exportable ops."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def _positional_forward(model: nn.Module, inputs: ModelInputs) -> None:
     """Let the TorchScript exporter, which passes every input by position, call a forward with
     keyword-only parameters: they keep their defaults (what ``model(x)`` does); without a
@@ -261,7 +274,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, fold: Mapping[str, str],
     output_names = io_output_names(structure)
     if exporter == "torchscript":
         _positional_forward(clone, inputs)
-    with quiet_export() as tracer_warnings:
+    with quiet_export() as tracer_warnings, _mha_fastpath_off():
         try:
             if exporter == "torchscript":
                 proto = _export_torchscript(clone, inputs, input_names, output_names)
