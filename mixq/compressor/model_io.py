@@ -12,6 +12,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -57,6 +58,10 @@ class ModelInputs:
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "ModelInputs":
         return ModelInputs(tuple(fn(t) for t in self.args), {k: fn(v) for k, v in self.kwargs.items()})
+
+    def numpy_feeds(self) -> Dict[str, np.ndarray]:
+        """Graph input name -> array (detached, on the CPU), as ONNX Runtime takes them."""
+        return {n: t.detach().cpu().numpy() for n, t in zip(self.names(), self.tensors())}
 
     def first(self, n: int) -> "ModelInputs":
         """The first ``n`` samples (batch axis 0)."""

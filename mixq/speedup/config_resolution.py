@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import onnx
@@ -73,6 +73,8 @@ class ConfigResolver:
     dynamic: bool = False
     calib_data_loader: Optional[Iterable[Any]] = None
     calib_batches: Optional[int] = None
+    # filled by resolve(): extra layers that stay float, and why
+    float_layers: Dict[str, str] = field(default_factory=dict)
 
     def _extra_layers(self, model: nn.Module, config: CalibrationConfig) -> List[str]:
         return [n for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES) and n not in config]
@@ -82,6 +84,14 @@ class ConfigResolver:
         with ``dynamic``, Linear layers quantize their activations at run time instead."""
         dynamic = [n for n in layers if self.dynamic and isinstance(model.get_submodule(n), nn.Linear)]
         static = [n for n in layers if n not in dynamic]
+        if self.dynamic and self.calib_data_loader is None and static:
+            note = ("run-time (dynamic) quantization covers Linear layers; without calibration data this layer "
+                    "stays fp32 (pass calib_data_loader= to run it in int8)")
+            self.float_layers.update({n: note for n in static})
+            logger.warning("dynamic=True without calibration data: %d layer(s) stay fp32 (%s); pass "
+                           "calib_data_loader= to quantize them statically", len(static), ", ".join(static[:5])
+                           + (", ..." if len(static) > 5 else ""))
+            static = []
         items = [{"op_names": static, "quant_types": ["weight"], "quant_bits": 8}] if static else []
         if dynamic:
             items.append({"op_names": dynamic, "quant_types": ["weight"], "quant_bits": 8, "quant_dynamic": True})

@@ -197,7 +197,7 @@ class ModelSpeedup:
                                             lambda m: export_onnx(m, example, folds, self.exporter, keep=kept,
                                                                   verify=False).model)
         self.plan = build_plan(exported.model, calls, exported.folded, model, config, extra, self.extra_layer_bits,
-                               points=points, point_edges=edges)
+                               points=points, point_edges=edges, float_layers=resolver.float_layers)
         self.annotated_model = annotate(exported.model, self.plan)
         self._layer_nodes = self.plan.layer_nodes()
         self.io.output_names, self.io.output_structure = exported.output_names, exported.output_structure
@@ -211,7 +211,7 @@ class ModelSpeedup:
         options.extra.update(layer_nodes=self._layer_nodes, calibration=config)
         self._engine = self._backend.build(self.annotated_model, options)
         self._report = build_report(self.plan, self._engine.node_precisions(), self._backend, exported.model,
-                                    self.annotated_model, {s.name: (1,) + s.shape for s in self.io.inputs})
+                                    self.annotated_model, example.first(1).numpy_feeds())
         self._warm_up()
         for row in self._report:
             if row["kind"] != "summary" and row["actual"] != row["requested"]:

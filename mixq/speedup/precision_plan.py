@@ -312,7 +312,8 @@ class _Planner:
 def build_plan(model: onnx.ModelProto, calls: Mapping[str, List[ModuleCall]], folded: Mapping[str, FoldedBatchNorm],
                torch_model: nn.Module, config: CalibrationConfig, extra_layers: Sequence[str] = (),
                extra_layer_bits: int = 32, points: Optional[Mapping[str, Grid]] = None,
-               point_edges: Optional[Mapping[Tuple[str, str], Grid]] = None) -> PrecisionPlan:
+               point_edges: Optional[Mapping[Tuple[str, str], Grid]] = None,
+               float_layers: Optional[Mapping[str, str]] = None) -> PrecisionPlan:
     """Plan the precision of every node of ``model`` (the fp32 export of ``torch_model``,
     BN folded as ``folded`` says) from ``config``.
 
@@ -320,8 +321,12 @@ def build_plan(model: onnx.ModelProto, calls: Mapping[str, List[ModuleCall]], fo
     (16 or 32 here; 8-bit extra layers need ranges, so they arrive calibrated in ``config``).
     ``points``/``point_edges`` are a placed calibration's tensors (located in ``model``): they
     quantize the activations, and the layers' own activation entries are then only informative.
+    ``float_layers`` are layers asked for int8 that stay fp32, with why (reported as such).
     """
     planner = _Planner(model, calls, folded, torch_model)
+    for name, note in (float_layers or {}).items():
+        nodes = [n for call in planner.layer_calls(name) for n in planner.g.data_nodes(call.nodes)]
+        planner.plan.layers[name] = LayerPlan(name, "int8", nodes, note)
     placed = planner.placed = points is not None
     for name, entry in layer_entries(config).items():
         if is_matmul_site(name):  # activation x activation products: their operands are placed points

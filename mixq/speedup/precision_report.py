@@ -9,8 +9,9 @@ never guessed.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional
 
+import numpy as np
 import onnx
 
 from ..placement.onnx_graph import WEIGHTED_OPS, OnnxGraph
@@ -57,9 +58,9 @@ def _quantized_ops(annotated: onnx.ModelProto, claimed: set) -> List[onnx.NodePr
 
 
 def build_report(plan: PrecisionPlan, precisions: Mapping[str, str], backend: Any, fp32_model: onnx.ModelProto,
-                 annotated: onnx.ModelProto, input_shapes: Optional[Dict[str, Sequence[int]]] = None) -> List[Row]:
+                 annotated: onnx.ModelProto, sample: Optional[Mapping[str, np.ndarray]] = None) -> List[Row]:
     """Rows for the configured layers, the placed ops and the integer share of MACs
-    (``input_shapes``: one sample's concrete input shapes, so that every MAC is counted)."""
+    (``sample``: one sample's inputs by name, so that every MAC is counted)."""
     rows: List[Row] = []
     claimed = set()
     weighted = {n.name for n in fp32_model.graph.node if n.op_type in WEIGHTED_OPS}
@@ -77,8 +78,35 @@ def build_report(plan: PrecisionPlan, precisions: Mapping[str, str], backend: An
                                               else f"{backend.name} does not say how it built this op")
         rows.append({"kind": "op", "layer": node.name, "op": node.op_type, "requested": "int8", "actual": actual,
                      "reason": reason})
-    rows.append(mac_summary(OnnxGraph(fp32_model, input_shapes), precisions))
+    graph = OnnxGraph(fp32_model, {k: v.shape for k, v in sample.items()} if sample is not None else None)
+    if sample is not None:
+        graph.shapes.update(_measured_shapes(graph, fp32_model, sample))
+    rows.append(mac_summary(graph, precisions))
     return rows
+
+
+def _measured_shapes(graph: OnnxGraph, model: onnx.ModelProto, sample: Mapping[str, np.ndarray]
+                     ) -> Dict[str, List[int]]:
+    """Shapes of the multiply-accumulate nodes' tensors that shape inference left open (sizes
+    computed from other tensors' shapes, as attention's head size often is), from one ONNX
+    Runtime run of ``model`` on ``sample``."""
+    import onnxruntime as ort
+
+    open_ = sorted({t for node in graph.nodes if node.op_type in WEIGHTED_OPS for t in (node.input[0], node.output[0])
+                    if t and t not in graph.initializers and None in graph.shapes.get(t, [None])})
+    if not open_:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in open_ if t not in outputs)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    inputs = {i.name for i in session.get_inputs()}
+    values = session.run(open_, {k: v for k, v in sample.items() if k in inputs})
+    return {t: list(v.shape) for t, v in zip(open_, values)}
 
 
 def mac_summary(graph: OnnxGraph, precisions: Mapping[str, str]) -> Row:
@@ -97,14 +125,22 @@ def mac_summary(graph: OnnxGraph, precisions: Mapping[str, str]) -> Row:
             weighted += macs
             weighted_integer += macs if state == "int8" else 0
     share = integer / total if total else 0.0
-    reason = f"{integer / 1e6:.1f} of {total / 1e6:.1f} M multiply-accumulates per sample run in integer kernels"
+    reason = f"{_count(integer)} of {_count(total)} multiply-accumulates per sample run in integer kernels"
     if weighted != total:
-        reason += f" ({weighted_integer / 1e6:.1f} of {weighted / 1e6:.1f} M of the layers with weights)"
+        reason += f" ({_count(weighted_integer)} of {_count(weighted)} of the layers with weights)"
     if unknown:
-        reason += f"; {unknown / 1e6:.1f} M unknown"
+        reason += f"; {_count(unknown)} unknown"
     return {"kind": "summary", "layer": "(all)", "requested": "", "actual": f"{share:.1%} int8", "reason": reason,
             "integer_mac_share": share, "macs": total,
             "weight_mac_share": weighted_integer / weighted if weighted else 0.0}
+
+
+def _count(n: float) -> str:
+    """``n`` with a unit prefix (436.2 M, 13.4 k)."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f}"
 
 
 def layer_rows(report: List[Row]) -> List[Row]:
