@@ -214,7 +214,13 @@ def _child(kind: str, path: str, feeds_path: str, runs: int, warmup: int, thread
 
         torch.set_num_threads(threads)
         engine = ModelSpeedup.load_quantized_model(path, num_threads=threads)
-        x = torch.from_numpy(next(iter(arrays.values())))
+        tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        if engine.io.keyword:  # a dict of named inputs (token ids, attention mask...)
+            x = tensors
+        elif len(tensors) == 1:
+            x = next(iter(tensors.values()))
+        else:
+            x = tuple(tensors[spec.name] for spec in engine.io.inputs)
         run = lambda: engine.inference(x)  # noqa: E731  (wall clock around the call, copies included)
     else:
         raise ValueError(f"unknown engine kind {kind!r}: 'onnx' or 'mixq'")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import platform
@@ -63,7 +62,6 @@ from mixq.quantizers import ObserverQuantizer  # noqa: E402
 from mixq.speedup import ModelSpeedup  # noqa: E402
 from mixq.speedup.precision_report import layer_rows, summary_row  # noqa: E402
 from mixq.table import format_table  # noqa: E402
-from mixq.timing import time_calls  # noqa: E402
 from mixq.zoo.images import image_source, sample_images  # noqa: E402
 
 Batch = Dict[str, torch.Tensor]
@@ -226,45 +224,14 @@ def integer_shares(optimized: onnx.ModelProto, feeds: Dict[str, np.ndarray]) -> 
 # Timing: each engine in its own process, round-robin, best round
 # ---------------------------------------------------------------------------------------------
 
-def _child(path: str, feeds_path: str, runs: int, warmup: int, threads: int, min_seconds: float) -> None:
-    """Time a saved mixq engine on the saved feeds (dict or positional, as the engine takes them)."""
-    torch.set_num_threads(threads)
-    engine = ModelSpeedup.load_quantized_model(path, num_threads=threads)
-    with np.load(feeds_path) as data:
-        tensors = {k: torch.from_numpy(data[k]) for k in data.files}
-    inputs = tensors if engine.io.keyword else tuple(tensors[s.name] for s in engine.io.inputs)
-    latency = time_calls(lambda: engine.inference(inputs), runs, warmup, min_seconds)
-    print(json.dumps({"median_s": latency.median_s, "runs": latency.runs}))
-
-
-def _time_mixq(path: str, feeds_path: str, runs: int, warmup: int, threads: int, min_seconds: float) -> float:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(_HERE),
-                                                                   os.environ.get("PYTHONPATH")) if p))
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", path, feeds_path, "--runs", str(runs),
-           "--warmup", str(warmup), "--threads", str(threads), "--min-seconds", str(min_seconds)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"timing {path} failed:\n{out.stderr[-4000:]}")
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["median_s"])
-
-
 def time_rows(rows: List[Row], feeds: Dict[str, np.ndarray], rounds: int, threads: int, runs: int = 20,
               warmup: int = 5, min_seconds: float = 1.0) -> None:
-    """Best-round median latency of every row, each engine in a fresh process per round.
-
-    ``ort_baseline.time_round_robin`` times a 'mixq' engine on one positional tensor only, so
-    mixq engines taking a dict of inputs are timed by this file's own child (same protocol)."""
-    with tempfile.TemporaryDirectory(prefix="mixq-hf-time-") as tmp:
-        feeds_path = os.path.join(tmp, "feeds.npz")
-        np.savez(feeds_path, **feeds)
-        for r in range(rounds):
-            for row in rows:
-                if row.timed.kind == "mixq":
-                    latency = _time_mixq(row.timed.path, feeds_path, runs, warmup, threads, min_seconds)
-                else:
-                    latency = ob.time_in_subprocess(row.timed, feeds, runs, warmup, threads, min_seconds, feeds_path)
-                row.ms = min(row.ms, 1e3 * latency)
-                logging.getLogger(__name__).info("round %d: %s %.2f ms", r + 1, row.label, 1e3 * latency)
+    """Best-round median latency of every row, each engine in a fresh process per round
+    (``ort_baseline.time_round_robin``)."""
+    best = ob.time_round_robin({row.label: row.timed for row in rows}, feeds, rounds, runs, warmup, threads,
+                               min_seconds)
+    for row in rows:
+        row.ms = 1e3 * best[row.label]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +306,6 @@ def targets(results: Dict[str, List[Row]], references: Dict[str, np.ndarray]) ->
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", nargs=2, metavar=("ENGINE", "FEEDS"), help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=sorted(CASES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
@@ -347,9 +313,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--min-seconds", type=float, default=1.0)
     args = parser.parse_args(argv)
-    if args.child:
-        _child(args.child[0], args.child[1], args.runs, args.warmup, args.threads, args.min_seconds)
-        return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # HF's masking code makes the tracer warn; the export check compares the graph with the model anyway
     logging.getLogger("mixq.placement.export_check").setLevel(logging.ERROR)
