@@ -65,7 +65,7 @@ def test_sensitivity_table_is_sorted_and_matches_single_layer_ptq(setup, table):
     print("\n" + format_sensitivity_table(table))
     with torch.no_grad():
         reference = model(calib)
-    for row in (table[0], table[-1]):  # the one-calibration shortcut equals quantizing that layer alone
+    for row in (table[0], table[-1]):  # each row is that layer quantized alone (the others not configured at all)
         alone = _ptq(model, [dict(W4A4[0], op_names=[row.name])], calib)
         with torch.no_grad():
             noise = (alone(calib) - reference).pow(2).sum()

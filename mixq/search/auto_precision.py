@@ -14,20 +14,12 @@ import torch.nn as nn
 
 from ..compressor.model_io import model_device
 from ..quantizers.calib_data import calibration_tensor
-from .sensitivity import EvalFn, LayerSensitivity, _calibrated, layer_sensitivity
+from .sensitivity import EvalFn, LayerSensitivity, keep_float_layers, layer_sensitivity, quantized_copy
 
 logger = logging.getLogger(__name__)
 
 ConfigCost = Callable[[List[Dict[str, Any]]], float]
 COSTS = ("latency", "size")
-
-
-def keep_float_layers(config_list: List[Dict[str, Any]], layers: Sequence[str]) -> List[Dict[str, Any]]:
-    """``config_list`` with ``layers`` excluded (kept in float: fp32, or ``extra_layer_bits`` in ModelSpeedup)."""
-    result = copy.deepcopy(config_list)
-    if layers:
-        result.append({"exclude": True, "op_names": sorted(layers)})
-    return result
 
 
 def layer_costs(model: nn.Module, layers: Sequence[str], example_input: torch.Tensor, cost: str = "latency",
@@ -145,15 +137,14 @@ def _within_measured_budget(config_list: List[Dict[str, Any]], rows: List[LayerS
 
 def _within_drop(model: nn.Module, config_list: List[Dict[str, Any]], data: torch.Tensor,
                  rows: List[LayerSensitivity], eval_fn: EvalFn, max_drop: float) -> List[str]:
-    clone, quantizer = _calibrated(model, config_list, data)
-    baseline = eval_fn(clone)
+    baseline = eval_fn(copy.deepcopy(model).eval())
     order = [r.name for r in rows]
     measured: Dict[int, float] = {}
 
     def drop_with(k: int) -> float:
         if k not in measured:
-            quantizer.enabled = set(order[k:])
-            measured[k] = baseline - eval_fn(clone)
+            quantized = quantized_copy(model, keep_float_layers(config_list, order[:k]), data)
+            measured[k] = baseline - eval_fn(quantized)
             logger.info("%d layers in float: metric drop %.3f", k, measured[k])
         return measured[k]
 

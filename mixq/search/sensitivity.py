@@ -2,9 +2,10 @@
 model output's SQNR and KL divergence against the float model on calibration data, plus the
 task metric of ``eval_fn`` when one is given.
 
-Every quantized variant comes from one calibration: ObserverQuantizer observes activations in
-float, so a layer's ranges do not depend on which other layers are quantized, and the ranges
-measured here are exactly those a user gets by running ObserverQuantizer with the result.
+Each variant is a real ObserverQuantizer run with the config restricted to that layer (the others
+excluded), so its Q/DQ placement is the backend's own for that config (a layer alone may bring
+integer neighbours with it) and its ranges are exactly those a user gets with that config: one
+calibration per layer, no shortcut that shares placements between configs.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,7 +21,6 @@ import torch.nn.functional as F
 
 from ..compressor.fake_quant import is_integer_bits
 from ..compressor.model_io import model_device
-from ..compressor.wrapper import QuantizerModuleWrapper
 from ..quantizers.calib_data import calibration_tensor
 from ..quantizers.observer import ObserverQuantizer
 
@@ -49,22 +49,12 @@ class LayerSensitivity:
         return 10 ** (-self.sqnr_db / 10)
 
 
-class _SelectiveQuantizer(ObserverQuantizer):
-    """ObserverQuantizer whose fake quantization, after ``compress()``, acts only on ``enabled`` layers."""
-
-    def __init__(self, model: nn.Module, config_list: List[Dict[str, Any]]) -> None:
-        super().__init__(model, config_list)
-        self.enabled: Set[str] = set()
-
-    def _activation(self, wrapper: QuantizerModuleWrapper, qtype: str, x: torch.Tensor) -> torch.Tensor:
-        if self.compressed and wrapper.name not in self.enabled:
-            return x
-        return super()._activation(wrapper, qtype, x)
-
-    def quantize_weight(self, wrapper: QuantizerModuleWrapper, weight: torch.Tensor) -> torch.Tensor:
-        if self.compressed and wrapper.name not in self.enabled:
-            return weight
-        return super().quantize_weight(wrapper, weight)
+def keep_float_layers(config_list: List[Dict[str, Any]], layers: Sequence[str]) -> List[Dict[str, Any]]:
+    """``config_list`` with ``layers`` excluded (kept in float: fp32, or ``extra_layer_bits`` in ModelSpeedup)."""
+    result = copy.deepcopy(config_list)
+    if layers:
+        result.append({"exclude": True, "op_names": sorted(layers)})
+    return result
 
 
 def _forward(model: nn.Module, data: torch.Tensor) -> torch.Tensor:
@@ -79,13 +69,21 @@ def _forward(model: nn.Module, data: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs)
 
 
-def _calibrated(model: nn.Module, config_list: List[Dict[str, Any]], data: torch.Tensor
-                ) -> Tuple[nn.Module, _SelectiveQuantizer]:
+def quantized_copy(model: nn.Module, config_list: List[Dict[str, Any]], data: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` quantized by ObserverQuantizer with ``config_list``, calibrated on ``data``
+    (the backend's own placement for exactly this config)."""
     clone = copy.deepcopy(model).eval()
-    quantizer = _SelectiveQuantizer(clone, config_list)
+    quantizer = ObserverQuantizer(clone, config_list)
     _forward(clone, data)
     quantizer.compress()
-    return clone, quantizer
+    return clone
+
+
+def _integer_layers(model: nn.Module, config_list: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """``{layer: its LayerConfig}`` for the layers ``config_list`` quantizes to integers."""
+    probe = ObserverQuantizer(copy.deepcopy(model), config_list)
+    return {n: w.config for n, w in probe.modules_wrapper.items()
+            if any(is_integer_bits(b) for b in w.config.bits.values())}
 
 
 def _sqnr_db(reference: torch.Tensor, out: torch.Tensor) -> float:
@@ -97,10 +95,6 @@ def _kl(reference: torch.Tensor, out: torch.Tensor) -> float:
     return F.kl_div(F.log_softmax(out, 1), F.log_softmax(reference, 1), log_target=True, reduction="batchmean").item()
 
 
-def _quantized_layers(quantizer: _SelectiveQuantizer) -> List[str]:
-    return [n for n, w in quantizer.modules_wrapper.items() if any(is_integer_bits(b) for b in w.config.bits.values())]
-
-
 def layer_sensitivity(model: nn.Module, config_list: List[Dict[str, Any]], calib_data: Any,
                       eval_fn: Optional[EvalFn] = None, num_samples: int = 512) -> List[LayerSensitivity]:
     """Quantize each configured layer alone and measure the damage; most sensitive first.
@@ -110,18 +104,18 @@ def layer_sensitivity(model: nn.Module, config_list: List[Dict[str, Any]], calib
     e.g. accuracy) adds the task metric and then orders the table by it. ``model`` is not modified.
     """
     data = calibration_tensor(calib_data, num_samples).to(model_device(model))
-    clone, quantizer = _calibrated(model, config_list, data)
-    reference = _forward(clone, data)
-    baseline = eval_fn(clone) if eval_fn is not None else None
+    model = copy.deepcopy(model).eval()
+    reference = _forward(model, data)
+    baseline = eval_fn(model) if eval_fn is not None else None
+    layers = _integer_layers(model, config_list)
     rows = []
-    for name in _quantized_layers(quantizer):
-        quantizer.enabled = {name}
-        out = _forward(clone, data)
-        metric = eval_fn(clone) if eval_fn is not None else None
-        cfg = quantizer.modules_wrapper[name].config
+    for i, (name, cfg) in enumerate(layers.items()):
+        logger.info("sensitivity %d/%d: %s", i + 1, len(layers), name)
+        alone = quantized_copy(model, keep_float_layers(config_list, [n for n in layers if n != name]), data)
+        out = _forward(alone, data)
+        metric = eval_fn(alone) if eval_fn is not None else None
         rows.append(LayerSensitivity(name, cfg.module_type, dict(cfg.bits), _sqnr_db(reference, out), _kl(reference, out),
                                      metric, None if metric is None else baseline - metric))
-    quantizer.enabled = set()
     if eval_fn is not None:
         rows.sort(key=lambda r: (-r.metric_drop, r.sqnr_db))
     else:
