@@ -8,12 +8,13 @@ from __future__ import annotations
 import logging
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from mixq.speedup import ModelSpeedup
-from mixq.placement.export_check import ExportMismatchError, verification_batches
+from mixq.placement.export_check import RTOL, ExportMismatchError, _session, verification_batches
 from mixq.placement.onnx_export import export_onnx, quiet_export
 
 
@@ -136,6 +137,37 @@ def test_a_tracer_warning_on_a_correct_graph_is_logged(caplog):
     assert exported.model.graph.node
     assert any("the ONNX exporter warned" in r.getMessage() and "Python boolean" in r.getMessage()
                for r in caplog.records)
+
+
+class Chaotic(nn.Module):
+    """Eight sin(Linear) layers that multiply float32 rounding differences, as a deep random
+    network does: ONNX Runtime and torch differ by over 0.1% of the output, and so does torch in
+    float32 against torch in float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(8))
+        for layer in self.layers:
+            nn.init.normal_(layer.weight, std=1.0)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.sin(layer(x))
+        return x
+
+
+def test_float32_rounding_amplified_by_the_model_is_not_a_broken_trace(caplog):
+    model = Chaotic().eval()
+    exported = export_onnx(model, (torch.randn(2, 32),), {}, verify=False)
+    batch = verification_batches([torch.randn(2, 32)])[1][0]
+    with torch.no_grad():
+        expected = model(batch).numpy()
+    actual = _session(exported.model).run(None, {"input": batch.numpy()})[0]
+    assert np.abs(actual - expected).max() / np.abs(expected).max() > RTOL  # the plain check would refuse it
+    with caplog.at_level(logging.INFO, logger="mixq.placement.export_check"):
+        export_onnx(model, (torch.randn(2, 32),), {})
+    assert any("float32 rounding only" in r.getMessage() for r in caplog.records)
 
 
 def test_a_traceable_model_exports_without_warnings(caplog, trained_mnist):

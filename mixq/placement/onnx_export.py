@@ -289,7 +289,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, fold: Mapping[str, str],
     if verify:
         verify_export(proto, input_names, output_names,
                       lambda flat: flatten_output(inputs.from_flat(flat).call(clone))[0], inputs.tensors(),
-                      tracer_warnings)
+                      tracer_warnings,
+                      lambda flat: flatten_output(inputs.from_flat(flat).call(copy.deepcopy(clone).double()))[0])
     logger.info("exported %s with the %s exporter (%d nodes, %d BatchNorms folded)", type(model).__name__,
                 exporter, len(proto.graph.node), len(folded))
     return ExportedModel(proto, input_names, output_names, exporter, folded, structure)
