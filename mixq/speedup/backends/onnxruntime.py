@@ -6,7 +6,9 @@ fp16 layers in fp32). The session runs with an explicit thread count, thread-poo
 disabled and the ONNX Runtime passes that would reinterpret the graph off (see
 ``DISABLED_OPTIMIZERS``). The optimized graph ONNX Runtime actually runs
 (``optimized_model_filepath``) is read back (:mod:`.ort_precision`) to report, per node,
-whether it became an integer kernel or stayed float.
+whether it became an integer kernel or stayed float. The graph carries inferred shapes
+(``value_info``): ONNX Runtime's transformer fusions (Add + LayerNormalization into
+SkipLayerNormalization...) only fire where shapes are known.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from .ort_precision import node_precisions_from_optimized
 from .ort_refiner import ABSORBED_KEY, refine_for_onnxruntime
 
 logger = logging.getLogger(__name__)
+_MAX_PROTO = 2 ** 31 - 1
 
 # ONNX Runtime passes that would reinterpret the annotated graph: WeightBiasQuantization
 # quantizes the float weights of a conv that sits between a DQ and a Q (an fp32 layer of a
@@ -98,9 +101,22 @@ class OnnxRuntimeBackend(Backend):
 
     def build(self, model: onnx.ModelProto, options: BuildOptions) -> OnnxRuntimeEngine:
         refined, absorbed = refine_for_onnxruntime(model)
+        refined = _with_shapes(refined)
         helper.set_model_props(refined, {**{p.key: p.value for p in refined.metadata_props},
                                          ABSORBED_KEY: json.dumps(absorbed)})
         return OnnxRuntimeEngine(refined.SerializeToString(), options)
 
     def deserialize(self, payload: bytes, options: BuildOptions) -> OnnxRuntimeEngine:
         return OnnxRuntimeEngine(payload, options)
+
+
+def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its intermediate shapes inferred, or as it is where inference fails or the
+    graph is too large for in-memory inference."""
+    if model.ByteSize() >= _MAX_PROTO:
+        return model
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # shapes only enable fusions: the engine runs without them
+        logger.info("shape inference failed on the engine graph (%s); building without inferred shapes", exc)
+        return model
