@@ -72,6 +72,35 @@ def test_relu_on_a_non_negative_grid_is_dropped(zp, dropped):
     np.testing.assert_array_equal(run(refiner.model, inputs()), run(model, inputs()))
 
 
+def conv_relu_q(grid_zp: int):
+    """x -> Q/DQ -> Conv -> Relu -> Q/DQ -> MaxPool 2x2 -> Q/DQ: no Q between the conv and its
+    ReLU, as the backend's placement writes it (ONNX Runtime fuses the ReLU into the Q)."""
+    rng = np.random.default_rng(0)
+    g = QDQGraph([None, 2, 8, 8])
+    x = g.qdq("input", IN_SCALE, U8_ZERO)
+    codes, scales, bias, bias_scales = random_conv(rng, 16, 2, 3, IN_SCALE)
+    y = g.node("Conv", [x, g.weight(codes, scales), g.bias(bias, bias_scales)], name="conv")
+    y = g.qdq(g.node("Relu", [y], name="relu"), ACT_SCALE, grid_zp)
+    y = g.qdq(g.node("MaxPool", [y], name="pool", kernel_shape=[2, 2], strides=[2, 2]), ACT_SCALE, grid_zp)
+    return g.build(y)
+
+
+@pytest.mark.parametrize("zp, absorbed", [(U8_ZERO, True), (0, False)])
+def test_relu_before_a_quantize_that_clips_there_is_absorbed(zp, absorbed):
+    model = conv_relu_q(zp)
+    refiner = _Refiner(model)
+    refiner.activations_to_u8()
+    refiner.relu_into_quantize()
+    assert ("relu" not in nodes_by_name(refiner.model)) == absorbed
+    assert refiner.absorbed == ({"relu"} if absorbed else set())
+    x = inputs(shape=(3, 2, 8, 8))
+    np.testing.assert_array_equal(run(refiner.model, x), run(model, x))
+    if absorbed:  # and the few-channel conv + pool then takes the SpaceToDepth path
+        refined, _ = refine_for_onnxruntime(model)
+        assert "SpaceToDepth" in op_types(refined)
+        np.testing.assert_array_equal(run(refined, x), run(model, x))
+
+
 def test_pool_moves_before_relu():
     model = conv_block(relu_grid_zp=0)  # symmetric grid: the ReLU is not dropped, it swaps with the pool
     refiner = _Refiner(model)

@@ -147,6 +147,25 @@ class _Refiner:
             self.absorbed.add(node.name)
         self._prune()
 
+    def relu_into_quantize(self) -> None:
+        """Op -> ReLU/Clip -> Q becomes Op -> Q where the Q's uint8 grid clips there already (zero
+        point 0, the Clip's top at or above the grid's): what ONNX Runtime's ReluQuantFusion /
+        ClipQuantFusion do, done here so the conv patterns below (SpaceToDepth) see it."""
+        for node in list(self.model.graph.node):
+            readers = self.consumers.get(node.output[0], []) if node.op_type in ("Relu", "Clip") else []
+            if len(readers) != 1 or readers[0].op_type != "QuantizeLinear" or node.output[0] in self.graph_outputs:
+                continue
+            q = readers[0]
+            if len(q.input) < 3 or q.input[1] not in self.inits or self.inits.get(q.input[2]) is None \
+                    or self.inits[q.input[2]].data_type != TensorProto.UINT8:
+                continue
+            scale, zp = self._grid(q)
+            if zp != 0 or not self._relu_between(node, zp, scale):
+                continue
+            q.input[0] = node.input[0]
+            self.absorbed.add(node.name)
+        self._prune()
+
     def _prune(self) -> None:
         graph = self.model.graph
         while True:
@@ -296,6 +315,7 @@ class _Refiner:
         self.activations_to_u8()
         self.drop_identity_requantization()
         self.pool_before_relu()
+        self.relu_into_quantize()
         self.align_conv_channels()
         self.relu_to_lookup()
         self.clip_codes()
