@@ -91,14 +91,19 @@ class _Refiner:
             return True
         return node.op_type == "Clip" and self._clip_is_relu(node, scale, zp)
 
+    def _q_after(self, node: onnx.NodeProto):
+        """The QuantizeLinear that alone reads ``node``'s output (not a graph output), or None."""
+        readers = self.consumers.get(node.output[0], [])
+        if len(readers) != 1 or readers[0].op_type != "QuantizeLinear" or node.output[0] in self.graph_outputs:
+            return None
+        return readers[0]
+
     def _dq_op_q(self, node: onnx.NodeProto):
         """(DQ before, Q after) when ``node`` sits alone between a DequantizeLinear and a QuantizeLinear."""
-        dq = self.producer.get(node.input[0])
-        readers = self.consumers.get(node.output[0], [])
-        if dq is None or dq.op_type != "DequantizeLinear" or len(readers) != 1 \
-                or readers[0].op_type != "QuantizeLinear" or node.output[0] in self.graph_outputs:
+        dq, q = self.producer.get(node.input[0]), self._q_after(node)
+        if dq is None or dq.op_type != "DequantizeLinear" or q is None:
             return None
-        return dq, readers[0]
+        return dq, q
 
     def clip_codes(self) -> None:
         """DQ -> Clip -> Q on one grid (a 2-7 bit grid stored in 8 bits, a ReLU6) becomes a Clip
@@ -152,11 +157,8 @@ class _Refiner:
         point 0, the Clip's top at or above the grid's): what ONNX Runtime's ReluQuantFusion /
         ClipQuantFusion do, done here so the conv patterns below (SpaceToDepth) see it."""
         for node in list(self.model.graph.node):
-            readers = self.consumers.get(node.output[0], []) if node.op_type in ("Relu", "Clip") else []
-            if len(readers) != 1 or readers[0].op_type != "QuantizeLinear" or node.output[0] in self.graph_outputs:
-                continue
-            q = readers[0]
-            if len(q.input) < 3 or q.input[1] not in self.inits or self.inits.get(q.input[2]) is None \
+            q = self._q_after(node) if node.op_type in ("Relu", "Clip") else None
+            if q is None or len(q.input) < 3 or q.input[1] not in self.inits or self.inits.get(q.input[2]) is None \
                     or self.inits[q.input[2]].data_type != TensorProto.UINT8:
                 continue
             scale, zp = self._grid(q)
