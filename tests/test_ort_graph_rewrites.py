@@ -1,6 +1,7 @@
 """Graph-level tests of the ONNX Runtime conv rewrites on hand-built QDQ graphs:
 ``fuse_conv_pool_space_to_depth`` (few-channel conv + 2x2 max-pool through SpaceToDepth) and
-``pad_conv_output_channels`` (output channels zero-padded to a multiple of 16).
+``pad_conv_output_channels`` (output channels zero-padded to a multiple of 16) and
+``pad_conv_input_channels`` (a few-channel conv's input padded with its zero point).
 
 A rewrite must give bit-identical outputs (ONNX Runtime on the graph before it is the
 reference) and must leave every graph it cannot rewrite exactly untouched.
@@ -10,9 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import numpy_helper
-from qdq_graphs import QDQGraph, op_types, random_conv, run, toposorted
+from qdq_graphs import QDQGraph, op_types, optimized_graph, random_conv, run, toposorted
 
-from mixq.speedup.backends.ort_channel_padding import pad_conv_output_channels
+from mixq.speedup.backends.ort_channel_padding import pad_conv_input_channels, pad_conv_output_channels
+from mixq.speedup.backends.ort_refiner import refine_for_onnxruntime
 from mixq.speedup.backends.ort_space_to_depth import fuse_conv_pool_space_to_depth
 
 IN_SCALE, ACT_SCALE = 1 / 255, 0.04
@@ -143,4 +145,48 @@ def test_padding_leaves_other_graphs_alone(case):
     model = padded_pair(**case)
     before = model.SerializeToString()
     assert pad_conv_output_channels(model) == []
+    assert model.SerializeToString() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# input channel padding
+# ---------------------------------------------------------------------------------------------
+
+def rgb_stem(cin=3, in_zero=U8_ZERO + 7, requantized=True):
+    """x -> Q/DQ (zero point ``in_zero``) -> Conv(cin -> 16, 3x3, stride 2, pad 1) -> Q/DQ -> output,
+    the stem of MobileNetV2/EfficientNet; ``requantized=False`` leaves the conv's output float."""
+    rng = np.random.default_rng(2)
+    g = QDQGraph([None, cin, 16, 16])
+    x = g.qdq("input", IN_SCALE, in_zero)
+    codes, scales, bias, bias_scales = random_conv(rng, 16, cin, 3, IN_SCALE)
+    y = g.node("Conv", [x, g.weight(codes, scales), g.bias(bias, bias_scales)], name="conv",
+               strides=[2, 2], pads=[1, 1, 1, 1])
+    return g.build(g.qdq(y, ACT_SCALE, U8_ZERO) if requantized else y)
+
+
+@pytest.mark.parametrize("cin", [1, 3])
+def test_few_channel_conv_reads_zero_point_padded_codes(cin):
+    model = rgb_stem(cin=cin)
+    padded = toposorted(model)
+    assert pad_conv_input_channels(padded) == ["conv"]
+    padded = toposorted(padded)
+    w = weight_of(padded, "conv")
+    assert w.shape == (16, 4, 3, 3) and not w[:, cin:].any()
+    np.testing.assert_array_equal(w[:, :cin], weight_of(model, "conv"))
+    pad = next(n for n in padded.graph.node if n.op_type == "Pad")
+    inits = {t.name: numpy_helper.to_array(t) for t in padded.graph.initializer}
+    assert int(inits[pad.input[2]]) == U8_ZERO + 7  # padded codes dequantize to exactly 0
+    x = images((3, cin, 16, 16))
+    np.testing.assert_array_equal(run(padded, x), run(model, x))
+    np.testing.assert_array_equal(run(padded, x, optimize=True), run(model, x, optimize=True))
+    refined, _ = refine_for_onnxruntime(model)  # uint8 codes, as the backend builds it
+    kinds = op_types(optimized_graph(refined))
+    assert kinds["Pad"] == kinds["QLinearConv"] == 1 and "Conv" not in kinds  # still an integer kernel
+
+
+@pytest.mark.parametrize("case", [dict(cin=4), dict(requantized=False)])
+def test_input_padding_leaves_other_graphs_alone(case):
+    model = rgb_stem(**case)
+    before = model.SerializeToString()
+    assert pad_conv_input_channels(model) == []
     assert model.SerializeToString() == before

@@ -1,4 +1,4 @@
-"""Zero-padding of integer conv output channels to a multiple of 16 (ONNX Runtime).
+"""Zero-padding of integer conv channels for ONNX Runtime's fast kernels.
 
 ONNX Runtime's fast symmetric integer conv kernels need the output channel count to be a
 multiple of 16 (and the input channel count one of 4); otherwise the generic im2col path runs,
@@ -16,9 +16,12 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import onnx
 
+from onnx import helper
+
 from .onnx_graph_index import GraphIndex, node_attr
 
 CHANNEL_ALIGNMENT = 16
+INPUT_CHANNEL_ALIGNMENT = 4
 _CHANNELWISE = {"QuantizeLinear", "DequantizeLinear", "Relu", "Clip", "LeakyRelu", "MaxPool", "AveragePool"}
 
 
@@ -149,5 +152,43 @@ def pad_conv_output_channels(model: onnx.ModelProto) -> List[str]:
         _pad_producer(g, dq_w, dq_b, extra)
         for kind, reader_w in {id(w): (k, w) for k, w in readers}.values():  # a reader met on two paths pads once
             _pad_reader(g, kind, reader_w, cout, extra)
+        padded.append(conv.name)
+    return padded
+
+
+def _requantized(g: GraphIndex, conv: onnx.NodeProto) -> bool:
+    """The conv's output goes only to a per-tensor QuantizeLinear: it runs as an integer kernel."""
+    q = g.consumers.get(conv.output[0], [])
+    return len(q) == 1 and q[0].op_type == "QuantizeLinear" and _per_tensor(g, q[0]) and conv.output[0] not in g.outputs
+
+
+def pad_conv_input_channels(model: onnx.ModelProto) -> List[str]:
+    """Pad, in place, the input channels of every integer conv with fewer than 4 of them with
+    the input's zero point, and its weights with zeros (see the module docstring);
+    return the names of the padded convs."""
+    g = GraphIndex(model)
+    padded = []
+    for conv in list(model.graph.node):
+        if conv.op_type != "Conv" or node_attr(conv, "group", 1) != 1 or not _requantized(g, conv):
+            continue
+        dq_w, dq_x = _quantized_weight(g, conv), g.producer.get(conv.input[0])
+        if dq_w is None or dq_x is None or dq_x.op_type != "DequantizeLinear" or not _per_tensor(g, dq_x):
+            continue
+        weight = g.const(dq_w.input[0])
+        extra = INPUT_CHANNEL_ALIGNMENT - weight.shape[1]
+        if extra <= 0 or len(dq_x.input) < 3 or not dq_x.input[2]:
+            continue
+        base = conv.name or conv.output[0]
+        zero_point = g.const(dq_x.input[2]).reshape(())
+        pads = np.zeros(2 * weight.ndim, np.int64)
+        pads[weight.ndim + 1] = extra  # after the last channel
+        pad = helper.make_node("Pad", [dq_x.input[0], g.add_const(f"{base}/input_pads", pads),
+                                       g.add_const(f"{base}/input_pad_value", zero_point)],
+                               [f"{base}/padded_codes"], name=f"{base}/PadChannels", mode="constant")
+        dq = helper.make_node("DequantizeLinear", [pad.output[0], *dq_x.input[1:]], [f"{base}/padded_input"],
+                              name=f"{base}/PaddedInput")
+        model.graph.node.extend([pad, dq])
+        conv.input[0] = dq.output[0]
+        _replace_const(g, dq_w, 0, _pad_axis(weight, 1, extra))
         padded.append(conv.name)
     return padded

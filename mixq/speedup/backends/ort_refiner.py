@@ -11,8 +11,9 @@ without changing what it computes:
   integer kernel before it saturates for it;
 * a ReLU followed by a MaxPool on the same grid moves after the pool (they commute);
 * a conv with fewer than 4 input channels followed by a 2x2 max-pool is rewritten through
-  SpaceToDepth, and conv output channels are zero-padded to a multiple of 16 where the next
-  layer absorbs them, so ONNX Runtime's fast integer conv kernels run (bit-identical codes);
+  SpaceToDepth, conv output channels are zero-padded to a multiple of 16 where the next
+  layer absorbs them and other input channels to a multiple of 4 (a zero-point Pad), so ONNX
+  Runtime's fast integer conv kernels run (bit-identical codes);
 * any other ReLU between a DQ and a Q becomes LeakyRelu(alpha=0), which ONNX Runtime runs as
   an integer lookup table (QLinearLeakyRelu) instead of in float;
 * fp16 layers run in fp32 (the CPU provider has no fp16 kernels): Casts become Identity and
@@ -29,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ...placement.onnx_graph import OnnxGraph, prune_initializers
 from ...placement.policy import spatial_mean
-from .ort_channel_padding import pad_conv_output_channels
+from .ort_channel_padding import pad_conv_input_channels, pad_conv_output_channels
 from .ort_space_to_depth import fuse_conv_pool_space_to_depth
 
 ABSORBED_KEY = "mixq.onnxruntime.absorbed_relus"
@@ -231,9 +232,11 @@ class _Refiner:
     def align_conv_channels(self) -> None:
         """Shapes ONNX Runtime's fast integer conv kernels need, computing the same values: a
         few-channel conv + 2x2 max-pool goes through SpaceToDepth (:mod:`.ort_space_to_depth`),
-        output channels are zero-padded to a multiple of 16 (:mod:`.ort_channel_padding`)."""
+        output channels are zero-padded to a multiple of 16 and input channels to one of 4
+        (:mod:`.ort_channel_padding`)."""
         changed = fuse_conv_pool_space_to_depth(self.model)
         changed += pad_conv_output_channels(self.model)
+        changed += pad_conv_input_channels(self.model)
         if changed:
             del self.model.graph.value_info[:]  # channel counts changed; ONNX Runtime re-infers
             self.inits = {t.name: t for t in self.model.graph.initializer}
