@@ -7,11 +7,12 @@ except the optional ``'mixq'`` timing kind.
   weights, u8 activations, MinMax calibration over the given batches (the fastest of ORT's own
   configurations on x86; its defaults, s8 activations, mostly do not fuse into integer kernels).
 * :func:`ort_quantize_dynamic` — ORT ``quantize_dynamic`` (s8 weights; for transformers).
-* :func:`time_in_subprocess` / :func:`time_round_robin` — latency of saved engines, each in its
-  own Python process (``intra_op_num_threads`` as given, thread-pool spinning off, median of
-  ``runs`` runs after ``warmup``), round-robin over several rounds, keeping each engine's best
-  round: two live sessions on two cores corrupt each other's timings, and the best round is the
-  one least disturbed by other load on the machine.
+* :func:`time_in_subprocess` / :func:`time_rounds` / :func:`time_round_robin` — latency of
+  saved engines, each in its own Python process (``intra_op_num_threads`` as given, thread-pool
+  spinning off, median of ``runs`` runs after ``warmup``), round-robin over several rounds in
+  alternating order: two live sessions on two cores corrupt each other's timings. Each
+  engine's best round is the one least disturbed by other load; :func:`paired_ratio` compares
+  two engines round by round (the same load on both), which is what the ratio tables use.
 * :func:`mac_count`, :func:`optimized_model`, :func:`kernel_summary` — multiply-accumulates per
   Conv/Gemm/MatMul-like node (shapes from ONNX shape inference, or from executing the model),
   the graph ONNX Runtime actually runs, and how many MACs run in integer kernels there.
@@ -268,11 +269,12 @@ def time_in_subprocess(engine: Union[ModelLike, TimedEngine], feeds: Feeds, runs
         return float(json.loads(out.stdout.strip().splitlines()[-1])["median_s"])
 
 
-def time_round_robin(engines: Mapping[str, Union[ModelLike, TimedEngine]], feeds: Feeds, rounds: int = 3,
-                     runs: int = 20, warmup: int = 5, threads: int = 2,
-                     min_seconds: float = 1.0) -> Dict[str, float]:
-    """Best-round median latency (seconds) of each engine: every round times every engine once,
-    each in its own process, in the given order."""
+def time_rounds(engines: Mapping[str, Union[ModelLike, TimedEngine]], feeds: Feeds, rounds: int = 3,
+                runs: int = 20, warmup: int = 5, threads: int = 2,
+                min_seconds: float = 1.0) -> Dict[str, List[float]]:
+    """Median latency (seconds) of each engine in every round: a round times every engine once,
+    each in its own process, in the given order on even rounds and the reverse on odd ones (so
+    no engine always runs right after the same neighbour)."""
     with tempfile.TemporaryDirectory(prefix="mixq-rr-") as tmp:
         files: Dict[str, Union[str, TimedEngine]] = {}
         for i, (name, engine) in enumerate(engines.items()):
@@ -283,13 +285,27 @@ def time_round_robin(engines: Mapping[str, Union[ModelLike, TimedEngine]], feeds
                 with open(files[name], "wb") as fh:
                     fh.write(as_bytes(engine))
         feeds_path = _save_feeds(feeds, tmp)
-        best = {name: float("inf") for name in files}
+        latencies: Dict[str, List[float]] = {name: [] for name in files}
         for r in range(rounds):
-            for name, engine in files.items():
-                latency = time_in_subprocess(engine, feeds, runs, warmup, threads, min_seconds, feeds_path)
-                best[name] = min(best[name], latency)
+            for name in (list(files) if r % 2 == 0 else list(files)[::-1]):
+                latency = time_in_subprocess(files[name], feeds, runs, warmup, threads, min_seconds, feeds_path)
+                latencies[name].append(latency)
                 logger.info("round %d: %s %.2f ms", r + 1, name, 1000 * latency)
-        return best
+        return latencies
+
+
+def time_round_robin(engines: Mapping[str, Union[ModelLike, TimedEngine]], feeds: Feeds, rounds: int = 3,
+                     runs: int = 20, warmup: int = 5, threads: int = 2,
+                     min_seconds: float = 1.0) -> Dict[str, float]:
+    """Best-round median latency (seconds) of each engine (:func:`time_rounds`)."""
+    return {name: min(v) for name, v in time_rounds(engines, feeds, rounds, runs, warmup, threads,
+                                                     min_seconds).items()}
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """Median over rounds of ``a[r] / b[r]``: two engines timed in the same round see the same
+    machine load, so their ratio is steadier than the ratio of their separate bests."""
+    return float(np.median(np.asarray(a, dtype=float) / np.asarray(b, dtype=float)))
 
 
 # ---------------------------------------------------------------------------------------------

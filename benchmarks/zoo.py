@@ -13,11 +13,13 @@ images) it builds, on the ONNX Runtime backend:
 
 and prints one table: int8 layers as requested, share of multiply-accumulates in integer
 kernels (the report's summary, cross-checked against the kernels of ONNX Runtime's optimized
-graph), latency (each engine in its own process, round-robin, best round), cosine of the logits
+graph), latency (each engine in its own process, round-robin in alternating order; each engine's
+median round, and ratios as the median over rounds of the two engines' ratio in that round),
+cosine of the logits
 to the fp32 model on held-out images, and top-1 agreement of the engine with the quantizer's
 own PyTorch simulation.
 
-    python3 benchmarks/zoo.py [--models resnet50,mobilenet_v2] [--batch 8] [--size 128] [--rounds 3]
+    python3 benchmarks/zoo.py [--models resnet50,mobilenet_v2] [--batch 8] [--size 128] [--rounds 5]
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ort_baseline import (INTEGER_MAC_OPS, TimedEngine, cosine, mac_count, optimized_model,  # noqa: E402
-                          ort_quantize_static, per_image_cosine, run_onnx, time_round_robin)
+                          ort_quantize_static, paired_ratio, per_image_cosine, run_onnx, time_rounds)
 
 from mixq.quantizers import ObserverQuantizer  # noqa: E402
 from mixq.speedup import ModelSpeedup  # noqa: E402
@@ -114,12 +116,16 @@ def measure(name: str, args: argparse.Namespace, tmp: str) -> Dict[str, object]:
         engine.export_quantized_model(files[key].path)
     files.update(ort_models)
     feeds = sample_images(args.batch, args.size, offset=9000).numpy()
-    latency = time_round_robin(files, feeds, rounds=args.rounds, threads=args.threads)
+    rounds = time_rounds(files, feeds, rounds=args.rounds, threads=args.threads)
+    latency = {k: float(np.median(v)) for k, v in rounds.items()}
     best_ort = min(ort_models, key=lambda k: latency[k])  # ORT's faster configuration is the reference
-    latency["ort"], outputs["ort"] = latency[best_ort], outputs[best_ort]
+    latency["ort"], outputs["ort"], rounds["ort"] = latency[best_ort], outputs[best_ort], rounds[best_ort]
+    ratios = {"natural_vs_ort": paired_ratio(rounds["natural"], rounds["ort"]),
+              "auto_vs_ort": paired_ratio(rounds["auto"], rounds["ort"]),
+              "fp32_vs_natural": paired_ratio(rounds["fp32"], rounds["natural"])}
     kernel_share = {k: integer_mac_share(engines[k]._engine.optimized_model, feeds) for k in ("natural", "auto")}
     kernel_share["ort"] = integer_mac_share(optimized_model(ort_models[best_ort], args.threads), feeds)
-    result = {"model": name, "build_s": build_s, "latency": {k: v * 1e3 for k, v in latency.items()},
+    result = {"model": name, "build_s": build_s, "latency": {k: v * 1e3 for k, v in latency.items()}, "ratios": ratios,
               "layers": {k: _int8_layers(engines[k]) for k in ("natural", "auto")},
               "mac_share": {k: summary_row(engines[k].precision_report())["integer_mac_share"]
                             for k in ("natural", "auto")},
@@ -137,14 +143,14 @@ def measure(name: str, args: argparse.Namespace, tmp: str) -> Dict[str, object]:
 def table(results: List[Dict[str, object]]) -> str:
     rows = []
     for r in results:
-        lat, cos, icos, share = r["latency"], r["cosine"], r["image_cosine"], r["mac_share"]
+        lat, cos, icos, share, ratio = r["latency"], r["cosine"], r["image_cosine"], r["mac_share"], r["ratios"]
         rows.append([r["model"], r["layers"]["natural"], r["layers"]["auto"],
                      f"{share['natural']:.1%} ({r['kernel_share']['natural']:.1%}) / {share['auto']:.1%} "
                      f"({r['kernel_share']['auto']:.1%}) / {r['kernel_share']['ort']:.1%}",
                      f"{lat['fp32']:.1f}", f"{lat['natural']:.1f}", f"{lat['auto']:.1f}",
                      f"{lat['ort']:.1f} ({r['ort_variant']})",
-                     f"{lat['natural'] / lat['ort']:.2f}x / {lat['auto'] / lat['ort']:.2f}x",
-                     f"{lat['fp32'] / lat['natural']:.2f}x",
+                     f"{ratio['natural_vs_ort']:.2f}x / {ratio['auto_vs_ort']:.2f}x",
+                     f"{ratio['fp32_vs_natural']:.2f}x",
                      f"{cos['natural']:.4f} / {cos['auto']:.4f} / {cos['ort']:.4f}",
                      f"{icos['natural']:.4f} / {icos['auto']:.4f} / {icos['ort']:.4f}",
                      f"{r['sim_cosine']:.4f}, {r['agreement']:.0%}"])
@@ -160,7 +166,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--test-images", type=int, default=64)
     args = parser.parse_args()
@@ -168,7 +174,8 @@ def main() -> None:
     for noisy in ("mixq", "ort_baseline"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     print(f"{cpu_name()}, {args.threads} threads, batch {args.batch}, 3x{args.size}x{args.size}, "
-          f"images: {image_source()}; latency = best of {args.rounds} round-robin rounds, each engine in its own process")
+          f"images: {image_source()}; latency = median of {args.rounds} round-robin rounds (alternating order), each "
+          "engine in its own process; ratios = median over rounds of the per-round ratio")
     results = []
     with tempfile.TemporaryDirectory(prefix="mixq-zoo-") as tmp:
         for name in args.models.split(","):

@@ -132,7 +132,8 @@ class EngineIO:
                 raise ValueError(f"{where} has dtype {item.dtype}; the engine takes {spec.dtype}: pass {cast}")
             array = item.detach().cpu().contiguous().numpy()
             # numpy, not torch: torch's OpenMP pool would spin beside the engine's threads
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
+            # NaN propagates through min/max and an infinity is one of them: two reductions, no mask
+            if array.dtype.kind == "f" and array.size and not (np.isfinite(array.min()) and np.isfinite(array.max())):
                 bad = "NaN" if np.isnan(array).any() else "infinity"
                 raise ValueError(f"{where} contains {bad}; clean the data (e.g. torch.nan_to_num) before inference")
             arrays.append(array)

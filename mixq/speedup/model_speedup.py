@@ -243,7 +243,8 @@ class ModelSpeedup:
         total = arrays[0].shape[0]
         chunks = [engine.run([a[i:i + self.batchsize] for a in arrays]) for i in range(0, total, self.batchsize)]
         engine.synchronize()
-        outputs = [torch.from_numpy(np.ascontiguousarray(np.concatenate([c[k] for c in chunks])))
+        outputs = [torch.from_numpy(np.ascontiguousarray(chunks[0][k] if len(chunks) == 1
+                                                         else np.concatenate([c[k] for c in chunks])))
                    for k in range(len(chunks[0]))]
         return self.io.rebuild(outputs), time.perf_counter() - start
 
