@@ -10,7 +10,7 @@ except the optional ``'mixq'`` timing kind.
 * :func:`time_in_subprocess` / :func:`time_rounds` / :func:`time_round_robin` — latency of
   saved engines, each in its own Python process (``intra_op_num_threads`` as given, thread-pool
   spinning off, median of ``runs`` runs after ``warmup``), round-robin over several rounds in
-  alternating order: two live sessions on two cores corrupt each other's timings. Each
+  rotating order: two live sessions on two cores corrupt each other's timings. Each
   engine's best round is the one least disturbed by other load; :func:`paired_ratio` compares
   two engines round by round (the same load on both), which is what the ratio tables use.
 * :func:`mac_count`, :func:`optimized_model`, :func:`kernel_summary` — multiply-accumulates per
@@ -273,8 +273,10 @@ def time_rounds(engines: Mapping[str, Union[ModelLike, TimedEngine]], feeds: Fee
                 runs: int = 20, warmup: int = 5, threads: int = 2,
                 min_seconds: float = 1.0) -> Dict[str, List[float]]:
     """Median latency (seconds) of each engine in every round: a round times every engine once,
-    each in its own process, in the given order on even rounds and the reverse on odd ones (so
-    no engine always runs right after the same neighbour)."""
+    each in its own process, starting one engine further each round (round ``r`` runs engines
+    ``r, r+1, ...`` cyclically). Position matters on a shared machine (an engine timed right
+    after a different one measured up to 15% slower than one timed after itself), so every
+    engine takes every position and follows every other engine in turn."""
     with tempfile.TemporaryDirectory(prefix="mixq-rr-") as tmp:
         files: Dict[str, Union[str, TimedEngine]] = {}
         for i, (name, engine) in enumerate(engines.items()):
@@ -287,7 +289,8 @@ def time_rounds(engines: Mapping[str, Union[ModelLike, TimedEngine]], feeds: Fee
         feeds_path = _save_feeds(feeds, tmp)
         latencies: Dict[str, List[float]] = {name: [] for name in files}
         for r in range(rounds):
-            for name in (list(files) if r % 2 == 0 else list(files)[::-1]):
+            names = list(files)
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 latency = time_in_subprocess(files[name], feeds, runs, warmup, threads, min_seconds, feeds_path)
                 latencies[name].append(latency)
                 logger.info("round %d: %s %.2f ms", r + 1, name, 1000 * latency)

@@ -13,7 +13,7 @@ images) it builds, on the ONNX Runtime backend:
 
 and prints one table: int8 layers as requested, share of multiply-accumulates in integer
 kernels (the report's summary, cross-checked against the kernels of ONNX Runtime's optimized
-graph), latency (each engine in its own process, round-robin in alternating order; each engine's
+graph), latency (each engine in its own process, round-robin in rotating order; each engine's
 median round, and ratios as the median over rounds of the two engines' ratio in that round),
 cosine of the logits
 to the fp32 model on held-out images, and top-1 agreement of the engine with the quantizer's
@@ -174,7 +174,7 @@ def main() -> None:
     for noisy in ("mixq", "ort_baseline"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     print(f"{cpu_name()}, {args.threads} threads, batch {args.batch}, 3x{args.size}x{args.size}, "
-          f"images: {image_source()}; latency = median of {args.rounds} round-robin rounds (alternating order), each "
+          f"images: {image_source()}; latency = median of {args.rounds} round-robin rounds (rotating order), each "
           "engine in its own process; ratios = median over rounds of the per-round ratio")
     results = []
     with tempfile.TemporaryDirectory(prefix="mixq-zoo-") as tmp:

@@ -58,6 +58,7 @@ class _Annotator:
         self.after: Dict[str, List[onnx.NodeProto]] = defaultdict(list)    # node name -> nodes to emit after
         self.head: List[onnx.NodeProto] = []                               # before everything
         self.replaced: Dict[str, List[onnx.NodeProto]] = {}                # node name -> nodes standing for it
+        self.dynamic_inputs: Dict[str, Tuple[str, str, str]] = {}          # tensor -> its DynamicQuantizeLinear outputs
         graph = self.model.graph
         self.producer = {o: n for n in graph.node for o in n.output}
         self.initializers = {i.name: i for i in graph.initializer}
@@ -149,8 +150,9 @@ class _Annotator:
             self._wrap_tensor(tensor, lambda s, d, t=tensor: self._fp16_round_trip(s, d, t))
         for node_name, wq in plan.weights.items():
             self._quantize_weight(nodes[node_name], wq)
-        for node_name, wq in plan.dynamic.items():
-            self._dynamic_matmul(nodes[node_name], wq)
+        order = {n.name: i for i, n in enumerate(graph.node)}
+        for node_name in sorted(plan.dynamic, key=order.__getitem__):  # the first reader emits the shared quantization
+            self._dynamic_matmul(nodes[node_name], plan.dynamic[node_name])
         for node_name in plan.fp16_nodes:
             self._to_fp16(nodes[node_name])
         ordered = list(self.head)
@@ -194,7 +196,9 @@ class _Annotator:
     def _dynamic_matmul(self, node: onnx.NodeProto, wq) -> None:
         """MatMul/Gemm -> DynamicQuantizeLinear (uint8, per tensor, at run time) + MatMulInteger
         with the int8 weight + Cast + Mul by ``input_scale * weight_scale`` (+ the Gemm's bias):
-        what ONNX Runtime fuses into DynamicQuantizeMatMul."""
+        what ONNX Runtime fuses into DynamicQuantizeMatMul, or, where several layers read the same
+        tensor (an attention block's Q/K/V projections) and share one DynamicQuantizeLinear, into
+        MatMulIntegerToFloat: the tensor is quantized once, with the same codes for every reader."""
         codes, scales, zps, axis = wq.codes, wq.scales, wq.zero_points, wq.axis
         trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
         if trans_b:  # MatMulInteger takes B as (K, N)
@@ -204,7 +208,10 @@ class _Annotator:
             raise ValueError(f"node {node.name}: dynamic quantization needs per-column weight scales, got axis {axis}")
         stem = f"{node.name}.dynamic"
         x = node.input[0]
-        xq, xs, xz = (self.names.new(f"{stem}/x_{p}") for p in ("quantized", "scale", "zero_point"))
+        shared = x in self.dynamic_inputs
+        if not shared:
+            self.dynamic_inputs[x] = tuple(self.names.new(f"{stem}/x_{p}") for p in ("quantized", "scale", "zero_point"))
+        xq, xs, xz = self.dynamic_inputs[x]
         w = self._init(f"{stem}/weight_quantized", np.ascontiguousarray(codes))
         wz = self._init(f"{stem}/weight_zero_point", zps.astype(np.int8).reshape(-1) if axis is not None
                         else zps.astype(np.int8).reshape(()))
@@ -213,8 +220,9 @@ class _Annotator:
         product, as_float, scale = (self.names.new(f"{stem}/{p}") for p in ("int32", "float", "scale"))
         out = node.output[0]
         result = self.names.new(f"{stem}/unbiased") if node.op_type == "Gemm" and len(node.input) > 2 else out
-        emitted = [
-            helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz], name=self.names.new(f"{stem}/DynamicQuantizeLinear")),
+        emitted = [] if shared else [
+            helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz], name=self.names.new(f"{stem}/DynamicQuantizeLinear"))]
+        emitted += [
             helper.make_node("MatMulInteger", [xq, w, xz, wz], [product], name=node.name),
             helper.make_node("Cast", [product], [as_float], to=TensorProto.FLOAT, name=self.names.new(f"{stem}/Cast")),
             helper.make_node("Mul", [xs, ws], [scale], name=self.names.new(f"{stem}/ScaleMul")),
