@@ -23,6 +23,7 @@ import torch.fx
 import torch.nn as nn
 
 from ..compressor.config import ConfigError, WEIGHT_TYPES
+from ..compressor.module_trace import trace_modules
 from ..compressor.wrapper import QuantizerModuleWrapper
 from ..messages import close_matches, short_repr
 
@@ -99,28 +100,6 @@ def _residual_blocks(model: nn.Module) -> List[str]:
     return found
 
 
-def _execution_order(model: nn.Module, example_input: Any, leaves: Dict[str, nn.Module]) -> List[Tuple[str, int, int]]:
-    events: List[Tuple[str, int, int]] = []
-
-    def hook(name: str):
-        def record(_module, args, output):
-            first = args[0] if args else None
-            events.append((name, id(first), id(output)))
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in leaves.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return events
-
-
 def find_units(model: nn.Module, example_input: Any) -> List[Unit]:
     """Units of ``model`` in execution order (one forward of ``example_input``)."""
     blocks = _residual_blocks(model)
@@ -128,7 +107,7 @@ def find_units(model: nn.Module, example_input: Any) -> List[Unit]:
     inside = tuple(n + "." for n in blocks + wrappers)
     leaves = {n: m for n, m in model.named_modules()
               if n and not n.startswith(inside) and (n in blocks or n in wrappers or not list(m.children()))}
-    events = _execution_order(model, example_input, leaves)
+    events = [(c.name, c.input_id, c.output_id) for c in trace_modules(model, example_input, leaves)]
     calls: Dict[str, int] = {}
     for name, _, _ in events:
         calls[name] = calls.get(name, 0) + 1

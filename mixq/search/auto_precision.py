@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..compressor.model_io import model_device
+from ..compressor.module_trace import trace_modules
 from ..quantizers.calib_data import calibration_tensor
 from .sensitivity import EvalFn, LayerSensitivity, keep_float_layers, layer_sensitivity, quantized_copy
 
@@ -25,38 +26,27 @@ COSTS = ("latency", "size")
 def layer_costs(model: nn.Module, layers: Sequence[str], example_input: torch.Tensor, cost: str = "latency",
                 int8_speedup: float = 3.5) -> Dict[str, Tuple[float, float]]:
     """``{layer: (cost quantized, cost float)}`` under a simple model: ``'latency'`` counts the
-    layer's multiply-accumulates per sample (an int8 MAC costs ``1 / int8_speedup`` of a float
-    one; layers without weights count their output elements), ``'size'`` its weight bytes
+    layer's multiply-accumulates per sample, every call of it (an int8 MAC costs ``1 / int8_speedup``
+    of a float one; layers without weights count their output elements), ``'size'`` its weight bytes
     (1 byte per weight at 8 bits or fewer, 4 in fp32). The MAC model ignores what leaving the
     integer pipeline costs (dequantizing a float layer's input, quantizing its output, neighbours
     that cannot fuse), which dominates on small models: for a real latency budget give
     :func:`auto_mixed_precision` measured costs instead (``benchmarks/mixed_precision.py`` does)."""
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {list(COSTS)}, got {cost!r}")
-    work: Dict[str, float] = {}
-
-    def hook(name: str):
-        def count(module: nn.Module, _args, out) -> None:
-            weight = getattr(module, "weight", None)
-            if cost == "size":
-                work[name] = 0.0 if weight is None else float(weight.numel())
-            elif weight is not None and weight.dim() > 1:
-                work[name] = float(out[0].numel() * weight[0].numel())
-            else:
-                work[name] = float(out[0].numel())
-        return count
-
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in layers]
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(example_input[:1])
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    work: Dict[str, float] = {n: 0.0 for n in layers}
+    for call in trace_modules(model, example_input[:1], {n: model.get_submodule(n) for n in layers}):
+        weight, out = getattr(call.module, "weight", None), call.output_tensor
+        if cost == "size":  # weights are stored once, however often the layer runs
+            work[call.name] = 0.0 if weight is None else float(weight.numel())
+        elif out is None:
+            continue
+        elif weight is not None and weight.dim() > 1:  # every call computes: a layer run twice costs twice
+            work[call.name] += float(out[0].numel() * weight[0].numel())
+        else:
+            work[call.name] += float(out[0].numel())
     float_factor, int_factor = (4.0, 1.0) if cost == "size" else (1.0, 1.0 / int8_speedup)
-    return {n: (work.get(n, 0.0) * int_factor, work.get(n, 0.0) * float_factor) for n in layers}
+    return {n: (work[n] * int_factor, work[n] * float_factor) for n in layers}
 
 
 def auto_mixed_precision(model: nn.Module, config_list: List[Dict[str, Any]], calib_data: Any,
