@@ -82,7 +82,8 @@ for _q in ("input", "output"):
 _TENSOR_FIELDS = Schema({"bits": And(lambda b: type(b) is int and is_integer_bits(b), error="must be an int in 1..8"),
                          "scheme": _scheme, "dtype": _dtype, "tracked_min": _finite, "tracked_max": _finite,
                          Opt("tensor"): And(str, lambda t: len(t) < 1000, error="must be a tensor name")})
-_PLACEMENT_FIELDS = Schema({"backend": Or("onnxruntime", "tensorrt", error="backend must be 'onnxruntime' or 'tensorrt'")})
+_PLACEMENT_FIELDS = Schema({"backend": Or("onnxruntime", "tensorrt", "openvino",
+                                           error="backend must be 'onnxruntime', 'tensorrt' or 'openvino'")})
 
 
 class CalibrationError(SchemaError):

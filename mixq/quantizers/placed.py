@@ -30,7 +30,7 @@ from ..placement.policy import PointSpec
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "openvino")
 DEFAULT_BACKEND = "onnxruntime"
 
 

@@ -1,6 +1,6 @@
 """Inference backends behind one interface (:mod:`.base`), imported only when asked for.
 
-``get_backend('onnxruntime' | 'tensorrt' | 'auto')``; ``'auto'`` picks TensorRT when the
+``get_backend('onnxruntime' | 'tensorrt' | 'openvino' | 'auto')``; ``'auto'`` picks TensorRT when the
 ``tensorrt`` package imports and a CUDA device exists, else ONNX Runtime.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from .base import Backend, BackendUnavailable, BuildOptions, Engine, EngineForma
 _REGISTRY: Dict[str, Tuple[str, str]] = {
     "onnxruntime": (".onnxruntime", "OnnxRuntimeBackend"),
     "tensorrt": (".tensorrt", "TensorRTBackend"),
+    "openvino": (".openvino", "OpenVinoBackend"),
 }
 AUTO = "auto"
 
