@@ -62,8 +62,8 @@ class ExampleSpec:
 
 def build_parser(description: str, epochs: int, quick_note: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
-                        help="inference backend (auto: TensorRT with an NVIDIA GPU, else ONNX Runtime)")
+    parser.add_argument("--backend", choices=["auto", "onnxruntime", "openvino", "tensorrt"], default="auto",
+                        help="inference backend (auto: TensorRT with an NVIDIA GPU, else OpenVINO if installed, else ONNX Runtime)")
     parser.add_argument("--data-dir", default=os.environ.get("MIXQ_DATA") or None,
                         help="a torchvision-style dataset root (default: $MIXQ_DATA)")
     parser.add_argument("--epochs", type=int, default=epochs, help="fp32 training epochs")

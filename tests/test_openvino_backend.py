@@ -87,6 +87,21 @@ def test_a_layer_left_in_float_is_reported_and_runs_f32(_trained_mnist, mnist):
     assert sorted(fully_connected) == ["f32", "u8"]  # fc2 (not configured) runs in float
 
 
+def test_relu6_folded_into_the_quantization_after_it_is_reported_int8(_trained_mnist, mnist):
+    """OpenVINO folds a Clip into the FakeQuantize that follows it: no runtime node names the
+    Clip, the FakeQuantize runs inside the u8 kernel, so the ReLU6 layer ran in int8."""
+    model = copy.deepcopy(_trained_mnist[0]).eval()
+    (xtr, _), _ = mnist
+    config_list = [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
+                   {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU6"]}]
+    _, config = calibrated(model, config_list, xtr[:256], "openvino")
+    engine = ModelSpeedup(model, SHAPE, config=config, backend="openvino", num_threads=1).compress()
+    actual = {r["layer"]: r["actual"] for r in layer_rows(engine.precision_report())}
+    assert actual == {name: "int8" for name in ("conv1", "conv2", "fc1", "fc2", "relu1", "relu2", "relu3")}
+    kinds = {k for k, _ in runtime_layers(engine)}
+    assert "Clamp" not in kinds and not any("Clip" in k for k in kinds)  # no runtime node computes the ReLU6
+
+
 def test_threads_and_dynamic_batch(mnist_engines, mnist):
     _, wrapped, engine, _ = mnist_engines
     assert engine._engine.compiled.get_property("INFERENCE_NUM_THREADS") == 2

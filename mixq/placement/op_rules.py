@@ -102,9 +102,24 @@ def tensorrt_usable() -> bool:
     return torch.cuda.is_available()
 
 
+def openvino_usable() -> bool:
+    """Whether OpenVINO's runtime imports here (a broken install counts as absent)."""
+    if importlib.util.find_spec("openvino") is None:
+        return False
+    try:
+        import openvino  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
 def auto_backend() -> str:
-    """What ``backend='auto'`` means here: TensorRT where it can build, else ONNX Runtime."""
-    return "tensorrt" if tensorrt_usable() else "onnxruntime"
+    """What ``backend='auto'`` means here: TensorRT where it can build (an NVIDIA GPU), else
+    OpenVINO where it is installed (on x86 CPUs its oneDNN int8 kernels ran CIFAR ResNet-20 2.5x
+    faster than ONNX Runtime's: README, "Choosing a backend"), else ONNX Runtime."""
+    if tensorrt_usable():
+        return "tensorrt"
+    return "openvino" if openvino_usable() else "onnxruntime"
 
 
 def rules_for(backend: str) -> OpRules:

@@ -1,11 +1,13 @@
 """Inference backends behind one interface (:mod:`.base`), imported only when asked for.
 
 ``get_backend('onnxruntime' | 'tensorrt' | 'openvino' | 'auto')``; ``'auto'`` picks TensorRT when the
-``tensorrt`` package imports and a CUDA device exists, else ONNX Runtime.
+``tensorrt`` package imports and a CUDA device exists, else OpenVINO when it is installed, else
+ONNX Runtime, and logs its choice.
 """
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Dict, List, Tuple
 
 from ...placement.op_rules import auto_backend
@@ -17,6 +19,7 @@ _REGISTRY: Dict[str, Tuple[str, str]] = {
     "openvino": (".openvino", "OpenVinoBackend"),
 }
 AUTO = "auto"
+logger = logging.getLogger(__name__)
 
 
 def available_backends() -> List[str]:
@@ -27,7 +30,10 @@ def available_backends() -> List[str]:
 def resolve_backend_name(name: str) -> str:
     """The concrete backend ``name`` stands for (resolves ``'auto'``); unknown names are an error."""
     if name == AUTO:
-        return auto_backend()
+        chosen = auto_backend()
+        logger.info("backend='auto' chose %s (TensorRT on an NVIDIA GPU, else OpenVINO when installed, "
+                    "else ONNX Runtime)", chosen)
+        return chosen
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; choose one of {available_backends() + [AUTO]}")
     return name

@@ -61,7 +61,10 @@ def _graph_node(original: str, names: set) -> str:
 def node_precisions_from_runtime(graph_nodes: Sequence[onnx.NodeProto], runtime_model) -> Dict[str, str]:
     """Per compute node of the annotated graph (by name): the precision of the runtime node of
     a computing type that absorbed it ('int8' for u8/i8, 'fp32', 'fp16'); a node absorbed only
-    into data-movement nodes runs as those do; a node no runtime node names is 'unknown'."""
+    into data-movement nodes runs as those do. A node no runtime node names was folded away: it
+    is 'int8' when every reader of its output is a QuantizeLinear inside an integer kernel (a
+    ReLU/Clip folded into the quantization after it), else 'unknown'."""
+    all_names = {n.name for n in graph_nodes}
     names = {n.name for n in graph_nodes if n.op_type not in _ANNOTATION_OPS}
     found: Dict[str, List[tuple]] = {}
     for op in runtime_model.get_ordered_ops():
@@ -71,17 +74,29 @@ def node_precisions_from_runtime(graph_nodes: Sequence[onnx.NodeProto], runtime_
         kind = info["layerType"].astype(str) if "layerType" in info else ""
         precision = _PRECISIONS.get(info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "", UNKNOWN)
         for original in info["originalLayersNames"].astype(str).split(","):
-            node = _graph_node(original.strip(), names)
+            node = _graph_node(original.strip(), all_names)
             if node:
                 found.setdefault(node, []).append((kind in _COMPUTE_TYPES, precision))
-    result = {}
-    for name in names:
-        hits = found.get(name)
-        if not hits:
-            result[name] = UNKNOWN
-            continue
+
+    def precision_of(name: str) -> str:
+        hits = found.get(name, [])
         computing = [p for is_compute, p in hits if is_compute] or [p for _, p in hits]
-        result[name] = computing[0] if len(set(computing)) == 1 else UNKNOWN
+        return computing[0] if computing and len(set(computing)) == 1 else UNKNOWN
+
+    readers: Dict[str, List[onnx.NodeProto]] = {}
+    for node in graph_nodes:
+        for tensor in node.input:
+            readers.setdefault(tensor, []).append(node)
+    result = {}
+    for node in graph_nodes:
+        if node.name not in names:
+            continue
+        if node.name in found:
+            result[node.name] = precision_of(node.name)
+            continue
+        after = readers.get(node.output[0], []) if node.output else []
+        folded = bool(after) and all(r.op_type == "QuantizeLinear" and precision_of(r.name) == "int8" for r in after)
+        result[node.name] = "int8" if folded else UNKNOWN
     return result
 
 
