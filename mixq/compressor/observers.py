@@ -3,6 +3,10 @@
 Each observer has one contract: ``update(x)`` any number of times, then
 ``compute_range(bits, scheme, dtype) -> (min_val, max_val)``. ``axis=None`` observes a whole
 tensor (activations); an integer axis keeps one range per slice along it (per-channel weights).
+
+Calibration split across ``torch.distributed`` ranks calls ``merge_across_ranks()`` on every
+rank (a collective) before ``compute_range``: the observer then holds the statistics of all
+ranks' data: min/max exactly, histograms re-binned onto the global range and summed.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Dict, Optional, Tuple, Type
 
 import torch
 
+from .distributed import all_reduce_range, all_reduce_sum
 from .fake_quant import is_integer_bits, qparams_from_range, quant_range, quantize, dequantize, is_symmetric
 
 Range = Tuple[torch.Tensor, torch.Tensor]
@@ -46,6 +51,15 @@ class Observer:
         else:
             self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
 
+    def merge_across_ranks(self) -> None:
+        """Hold the min/max of every rank's data (a collective: every rank calls it, in the same
+        order); a rank that saw nothing contributes nothing."""
+        lo, hi = (self.min_val, self.max_val) if self.min_val is not None else (
+            torch.tensor(float("inf")), torch.tensor(float("-inf")))
+        lo, hi = all_reduce_range(lo, hi, f"merging {type(self).__name__} ranges")
+        if bool(torch.isfinite(lo).all()):
+            self.min_val, self.max_val = lo, hi
+
     def _check(self) -> None:
         if self.min_val is None:
             raise RuntimeError(f"{type(self).__name__} saw no data: run calibration forwards before compress()")
@@ -75,6 +89,20 @@ class MovingAverageMinMaxObserver(Observer):
             self.min_val = self.decay * self.min_val + (1 - self.decay) * lo
             self.max_val = self.decay * self.max_val + (1 - self.decay) * hi
 
+    def merge_across_ranks(self) -> None:
+        """The mean over ranks of their moving averages (an EMA of another rank's batches cannot be
+        replayed; ranks that saw nothing do not count). Per-channel observers hold a weight,
+        identical on every rank: left as they are."""
+        if self.axis is not None:
+            return
+        stats = torch.zeros(3)
+        if self.min_val is not None:
+            stats = torch.stack([self.min_val.cpu(), self.max_val.cpu(), torch.tensor(1.0)])
+        total = all_reduce_sum(stats, "merging MovingAverageMinMaxObserver ranges")
+        if total[2] > 0:
+            device = self.min_val.device if self.min_val is not None else torch.device("cpu")
+            self.min_val, self.max_val = (total[0] / total[2]).to(device), (total[1] / total[2]).to(device)
+
 
 class _HistogramObserver(Observer):
     """Keeps a histogram of per-tensor data (re-binned when the range grows) or, per channel,
@@ -98,10 +126,27 @@ class _HistogramObserver(Observer):
             return
         new = torch.histc(x, self.bins, lo, hi)
         if self.hist is not None and old_hi.item() > old_lo.item():
-            old_centers = self._centers(old_lo.item(), old_hi.item())
-            idx = ((old_centers - lo) / (hi - lo) * self.bins).long().clamp(0, self.bins - 1)
-            new.scatter_add_(0, idx, self.hist)
+            new += self._rebin(old_lo.item(), old_hi.item(), lo, hi)
         self.hist = new
+
+    def _rebin(self, old_lo: float, old_hi: float, lo: float, hi: float) -> torch.Tensor:
+        """``self.hist`` (over ``[old_lo, old_hi]``) moved onto ``bins`` bins over ``[lo, hi]``
+        (each old bin's count goes to the new bin holding its centre)."""
+        idx = ((self._centers(old_lo, old_hi) - lo) / (hi - lo) * self.bins).long().clamp(0, self.bins - 1)
+        return torch.zeros(self.bins, device=self.hist.device).scatter_add_(0, idx.to(self.hist.device), self.hist)
+
+    def merge_across_ranks(self) -> None:
+        """Min/max over ranks, then every rank's histogram re-binned onto that common range and
+        summed (per-channel observers hold a weight, identical on every rank: min/max only)."""
+        old = (self.min_val.item(), self.max_val.item()) if self.min_val is not None else None
+        super().merge_across_ranks()
+        if self.axis is not None or self.min_val is None or self.max_val.item() <= self.min_val.item():
+            return
+        lo, hi = self.min_val.item(), self.max_val.item()
+        local = torch.zeros(self.bins)
+        if self.hist is not None and old is not None and old[1] > old[0]:
+            local = self._rebin(old[0], old[1], lo, hi)
+        self.hist = all_reduce_sum(local, f"merging {type(self).__name__} histograms")
 
     def _centers(self, lo: float, hi: float) -> torch.Tensor:
         width = (hi - lo) / self.bins

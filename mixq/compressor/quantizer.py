@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -14,8 +15,10 @@ from .bn_fold import find_conv_bn_pairs
 from .call_points import CallPoints, PointKey
 from .calibration import CalibrationConfig, save_calibration_config, validate_calibration_config
 from .layers import weight_axis
-from .point_ranges import PointRanges
+from .point_ranges import PREFIX as POINT_PREFIX, PointRanges
 from .config import ConfigError, ConfigListSpec, LayerQuantConfig, module_names, is_matmul_site
+from .distributed import (broadcast_outcome, check_same_on_all_ranks, digest, hide_from_ddp, rank, unwrap_parallel,
+                          use_distributed)
 from .observers import NonFiniteTensorError
 from .fake_quant import (fake_quantize, is_integer_bits, is_per_channel, is_symmetric, qparams_from_range,
                          quant_range, simulate_float_bits)
@@ -71,10 +74,18 @@ class Quantizer:
 
     Subclasses define :meth:`config_spec` and the three ``quantize_*`` hooks that wrappers call.
     The model is wrapped in place at construction; :meth:`compress` returns the same model.
+
+    Distributed (``torch.distributed``, :mod:`.distributed`): a ``DistributedDataParallel`` model
+    is quantized through its inner module; with ``distributed`` true (default: when a process
+    group of several ranks is initialised) every rank must resolve the same layer configs
+    (checked at construction), and :meth:`export_model` writes files on rank 0 only.
     """
 
     def __init__(self, model: nn.Module, config_list: List[Dict[str, Any]],
-                 optimizer: Optional[torch.optim.Optimizer] = None, dummy_input: Any = None) -> None:
+                 optimizer: Optional[torch.optim.Optimizer] = None, dummy_input: Any = None,
+                 distributed: Optional[bool] = None) -> None:
+        model = unwrap_parallel(model)
+        self.distributed = use_distributed(distributed)
         if any(isinstance(m, QuantizerModuleWrapper) for m in model.modules()):
             raise ConfigError("the model is already wrapped by a quantizer; pass the original float model "
                               "(mixq.compressor.unwrapped_copy(model) gives one)")
@@ -85,12 +96,24 @@ class Quantizer:
         spec = self.config_spec()
         self.layer_configs: Dict[str, LayerQuantConfig] = spec.resolve(model, config_list)
         self.excluded = sorted(spec.excluded)
+        if self.distributed:
+            check_same_on_all_ranks(
+                digest([type(self).__name__, {n: vars(c) for n, c in self.layer_configs.items()}]),
+                "resolved layer configs", "build the quantizer with the same model and config list on every rank")
         if dummy_input is not None:
             check_dummy_input(model, dummy_input)
         # activation points (placement-aware quantizers): key -> (bits, scheme, dtype) and range
         self.point_grids: Dict[PointKey, Tuple[int, str, str]] = {}
         self.point_ranges = PointRanges(model, ())
         self._call_points: Optional[CallPoints] = None
+        self._pending_point_state: Dict[str, torch.Tensor] = {}
+        ref = weakref.ref(self)
+
+        def stash(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *_: Any) -> None:
+            quantizer = ref()
+            if quantizer is not None and module is quantizer.bound_model:  # not a copy of the model
+                quantizer._stash_point_state(state_dict, prefix)
+        model.register_load_state_dict_pre_hook(stash)
         self.modules_wrapper: Dict[str, QuantizerModuleWrapper] = {}
         for name, cfg in self.layer_configs.items():
             if is_matmul_site(name):  # no module to wrap: the placement quantizes its operands
@@ -100,6 +123,33 @@ class Quantizer:
             for other in names:  # every call site of a module registered twice (self.alias = self.conv)
                 set_submodule(model, other, wrapper)
             self.modules_wrapper[name] = wrapper
+        self._hide_state_from_ddp()
+
+    def _hide_state_from_ddp(self) -> None:
+        """The quantizer's buffers (kept identical on every rank by the quantizer itself) are not
+        DistributedDataParallel's to broadcast."""
+        names = [f"{alias}.{key}" for name, wrapper in self.modules_wrapper.items()
+                 for alias in module_names(self.bound_model, name) for key in wrapper._buffers]
+        names += [key for key in self.bound_model._buffers if key.startswith(POINT_PREFIX)]
+        hide_from_ddp(self.bound_model, names)
+
+    def _stash_point_state(self, state_dict: Dict[str, Any], prefix: str) -> None:
+        """Tensor ranges in a checkpoint loaded before this quantizer placed its tensors (placement
+        happens on the first forward without ``dummy_input``): kept and loaded once they exist."""
+        if self._call_points is None:
+            for key in [k for k in state_dict if k.startswith(prefix + POINT_PREFIX)]:
+                self._pending_point_state[key[len(prefix):]] = state_dict.pop(key)
+
+    def _load_pending_point_state(self) -> None:
+        pending, self._pending_point_state = self._pending_point_state, {}
+        names = {n for n in self.bound_model._buffers if n.startswith(POINT_PREFIX)}
+        if set(pending) != names:
+            raise ConfigError(f"the checkpoint loaded into this model holds the ranges of {len(pending) // 2} "
+                              f"tensors, the placement of this model and config list has {len(names) // 2}; "
+                              "load a checkpoint of the same model, config list and backend")
+        with torch.no_grad():
+            for name, value in pending.items():
+                getattr(self.bound_model, name).copy_(value)
 
     def _restore_model(self) -> None:
         """Undo the wrapping (and activation hooks): for a constructor that fails after wrapping."""
@@ -179,6 +229,9 @@ class Quantizer:
         self.point_grids = dict(grids)
         self.point_ranges = PointRanges(self.bound_model, list(grids))  # buffers: in the model's state_dict
         self._call_points = CallPoints(self.bound_model, self._point_hook, keys=set(grids))
+        if self._pending_point_state:
+            self._load_pending_point_state()
+        self._hide_state_from_ddp()
         return self._call_points
 
     def _point_hook(self, key: PointKey, x: torch.Tensor) -> torch.Tensor:
@@ -270,8 +323,35 @@ class Quantizer:
                      onnx_path: Optional[str] = None, input_shape: Optional[Sequence[int]] = None,
                      device: Optional[torch.device] = None) -> CalibrationConfig:
         """Write float weights (state_dict of the unwrapped model), calibration JSON and optionally
-        an fp32 ONNX; return the calibration config. The wrapped model is left as it was."""
+        an fp32 ONNX; return the calibration config. The wrapped model is left as it was.
+
+        Distributed: every rank computes the calibration and the ranks compare it before anything
+        is written (a lost rank or a difference is an error, and nothing is written); then rank 0
+        writes the files (each atomically) and the other ranks return the same config once rank 0
+        is done, so every rank can read the files right after."""
+        if onnx_path is not None and input_shape is None:
+            raise ValueError("onnx_path needs input_shape, e.g. input_shape=(1, 1, 28, 28)")
         calibration = self.calibration_config()
+        if not self.distributed:
+            self._write_export(calibration, model_path, calibration_path, onnx_path, input_shape, device)
+            return calibration
+        check_same_on_all_ranks(digest(calibration), "calibration before export",
+                                "the ranges were not synchronised: build the quantizer after init_process_group "
+                                "with distributed=None or True, and run the same training steps on every rank")
+        error = None
+        if rank() == 0:
+            try:
+                self._write_export(calibration, model_path, calibration_path, onnx_path, input_shape, device)
+            except Exception as exc:  # reported to the other ranks, then raised here
+                error = f"{type(exc).__name__}: {exc}"
+                broadcast_outcome(error, "writing the export")
+                raise
+        broadcast_outcome(error, "writing the export")
+        return calibration
+
+    def _write_export(self, calibration: CalibrationConfig, model_path: Optional[str], calibration_path: Optional[str],
+                      onnx_path: Optional[str], input_shape: Optional[Sequence[int]],
+                      device: Optional[torch.device]) -> None:
         float_model = unwrapped_copy(self.bound_model)
         if model_path is not None:
             _atomic_torch_save(float_model.state_dict(), model_path)
@@ -280,12 +360,9 @@ class Quantizer:
             save_calibration_config(calibration, calibration_path)
             logger.info("calibration config saved to %s", calibration_path)
         if onnx_path is not None:
-            if input_shape is None:
-                raise ValueError("onnx_path needs input_shape, e.g. input_shape=(1, 1, 28, 28)")
             device = device or next(self.bound_model.parameters()).device
             export_fp32_onnx(float_model, torch.randn(*input_shape, device=device), onnx_path)
             logger.info("fp32 ONNX saved to %s", onnx_path)
-        return calibration
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:

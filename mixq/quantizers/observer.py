@@ -32,6 +32,13 @@ class ObserverQuantizer(PlacementMixin, Quantizer):
     ``backend`` ('onnxruntime' default, 'tensorrt', 'auto', or None for the config's literal
     module-boundary quantization) decides where activations are observed and quantized
     (:mod:`.placed`); tensors the backend adds (residual Adds, Concats...) use min/max.
+
+    Calibration split across ``torch.distributed`` ranks (``distributed``: None = when a process
+    group of several ranks is initialised): each rank runs its shard, any number of batches;
+    ``compress()`` (on every rank) merges the activation observers' statistics, so the ranges equal
+    those of one process that saw all shards: min/max exactly, percentile/MSE from the histograms
+    re-binned onto the global range and summed; ``moving_average`` takes the mean of the ranks'
+    averages. Weights are not merged: every rank holds the same weights.
     """
 
     def __init__(self, model: nn.Module, config_list: List[Dict[str, Any]], dummy_input: Any = None,
@@ -99,6 +106,8 @@ class ObserverQuantizer(PlacementMixin, Quantizer):
         if self.backend is not None:
             self._require_placement()
         with torch.no_grad():
+            if self.distributed:
+                self._merge_observers()
             for key, observer in self.point_observers.items():
                 bits, scheme, dtype = self.point_grids[key]
                 if observer.min_val is None:
@@ -123,6 +132,16 @@ class ObserverQuantizer(PlacementMixin, Quantizer):
                         getattr(wrapper, f"tracked_max_{qtype}").copy_(hi)
         self.compressed = True
         return self.bound_model
+
+    def _merge_observers(self) -> None:
+        """Every activation observer takes the statistics of all ranks (collectives, in the same
+        order on every rank: placement order, then layers)."""
+        for observer in self.point_observers.values():
+            observer.merge_across_ranks()
+        for name, wrapper in self.modules_wrapper.items():
+            for qtype, observer in self.observers[name].items():
+                if qtype in wrapper.simulated_types and qtype != "weight":
+                    observer.merge_across_ranks()
 
     def calibration_config(self) -> CalibrationConfig:
         if not self.compressed:

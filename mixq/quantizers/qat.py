@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..compressor.config import ConfigError
+from ..compressor.distributed import all_reduce_range
 from ..compressor.observers import _minmax
 from ..compressor.quantizer import Quantizer
 from ..compressor.wrapper import QuantizerModuleWrapper
@@ -28,12 +29,24 @@ class QAT_Quantizer(PlacementMixin, Quantizer):
     ``backend`` ('onnxruntime' default, 'tensorrt', 'auto', or None for the config's literal
     module-boundary quantization) decides which activations are quantized (:mod:`.placed`):
     exactly those the engine quantizes, so the trained accuracy is the deployed one.
+
+    Distributed data parallel (``distributed``: None = when a process group of several ranks is
+    initialised; build the quantizer on the model before or after wrapping it in
+    ``DistributedDataParallel``): every training-mode forward all-reduces each tracked tensor's
+    batch min (MIN) and max (MAX) before the EMA update, so all ranks fake-quantize with the same
+    scales at every step and N ranks train as one process on the union of their batches would
+    (eval-mode forwards stay local). Training forwards are therefore collective, as DDP's
+    backward is. Weights need nothing: DDP keeps them identical.
+
+    The step counter and each layer's ``quant_start_step`` are buffers of the wrapped layers
+    (``qat_steps``, ``quant_start_step``): with the tracked ranges they make the model's
+    ``state_dict`` a complete QAT checkpoint, resumable on any number of ranks.
     """
 
     def __init__(self, model: nn.Module, config_list: List[Dict[str, Any]],
                  optimizer: Optional[torch.optim.Optimizer] = None, dummy_input: Any = None,
                  fold_bn: Optional[bool] = None, ema_decay: float = 0.99,
-                 backend: Optional[str] = DEFAULT_BACKEND) -> None:
+                 backend: Optional[str] = DEFAULT_BACKEND, distributed: Optional[bool] = None) -> None:
         # everything that can be checked is checked before the model is wrapped (in place)
         fold_bn = dummy_input is not None if fold_bn is None else fold_bn
         if fold_bn and dummy_input is None:
@@ -41,17 +54,59 @@ class QAT_Quantizer(PlacementMixin, Quantizer):
         if type(ema_decay) not in (int, float) or not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be a number in [0, 1), got {ema_decay!r}")
         resolve_placement_backend(backend)
-        super().__init__(model, config_list, optimizer, dummy_input)
+        super().__init__(model, config_list, optimizer, dummy_input, distributed)
         self.ema_decay = ema_decay
-        self.steps = 0
+        self._steps = 0
         self._step_handle = None
         try:
-            self._finish_init(model, optimizer, dummy_input, fold_bn, backend)
+            self._register_state()
+            self._finish_init(self.bound_model, optimizer, dummy_input, fold_bn, backend)
         except BaseException:
             if self._step_handle is not None:
                 self._step_handle.remove()
             self._restore_model()
             raise
+
+    @property
+    def steps(self) -> int:
+        """Training steps counted so far (restored by ``load_state_dict``)."""
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._steps = value
+        for wrapper in self.modules_wrapper.values():
+            wrapper.qat_steps.fill_(value)
+
+    def _register_state(self) -> None:
+        """The step counter and ``quant_start_step`` as buffers of every wrapped layer."""
+        ref = weakref.ref(self)
+
+        def restore(wrapper: nn.Module, _keys: Any) -> None:
+            q = ref()
+            if q is None:
+                return
+            start, configured = int(wrapper.quant_start_step), wrapper.config.quant_start_step
+            if start != configured:
+                raise ConfigError(f"layer {wrapper.name!r}: the checkpoint was trained with quant_start_step={start}, "
+                                  f"the config list says {configured}; build the quantizer with the checkpoint's "
+                                  "config list")
+            q._steps = int(wrapper.qat_steps)
+
+        for wrapper in self.modules_wrapper.values():
+            device = next((b.device for b in wrapper.module.parameters()), torch.device("cpu"))
+            wrapper.register_buffer("qat_steps", torch.tensor(0, dtype=torch.long, device=device))
+            wrapper.register_buffer("quant_start_step", torch.tensor(wrapper.config.quant_start_step,
+                                                                     dtype=torch.long, device=device))
+            wrapper.register_load_state_dict_post_hook(restore)
+        self._hide_state_from_ddp()
+
+    def _batch_range(self, x: torch.Tensor, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Min/max of ``x``; over all ranks' batches when distributed."""
+        lo, hi = _minmax(x, None)
+        if self.distributed:
+            lo, hi = all_reduce_range(lo, hi, f"QAT range of {what}")
+        return lo, hi
 
     def _finish_init(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], dummy_input: Any,
                      fold_bn: bool, backend: Optional[str]) -> None:
@@ -85,7 +140,7 @@ class QAT_Quantizer(PlacementMixin, Quantizer):
         return super().quantize_weight(wrapper, weight)
 
     def _track(self, wrapper: QuantizerModuleWrapper, qtype: str, x: torch.Tensor) -> None:
-        lo, hi = _minmax(x, None)
+        lo, hi = self._batch_range(x, f"layer {wrapper.name!r} {qtype}")
         tracked_min = getattr(wrapper, f"tracked_min_{qtype}")
         tracked_max = getattr(wrapper, f"tracked_max_{qtype}")
         if torch.isnan(tracked_min):
@@ -110,7 +165,7 @@ class QAT_Quantizer(PlacementMixin, Quantizer):
 
     def quantize_point(self, key: str, x: torch.Tensor) -> torch.Tensor:
         if self.bound_model.training:
-            lo, hi = _minmax(x, None)
+            lo, hi = self._batch_range(x, f"tensor {key!r}")
             old_lo, old_hi = self.point_ranges[key]
             if torch.isnan(old_lo):
                 self.point_ranges[key] = (lo, hi)

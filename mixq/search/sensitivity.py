@@ -73,7 +73,7 @@ def quantized_copy(model: nn.Module, config_list: List[Dict[str, Any]], data: to
     """A copy of ``model`` quantized by ObserverQuantizer with ``config_list``, calibrated on ``data``
     (the backend's own placement for exactly this config)."""
     clone = copy.deepcopy(model).eval()
-    quantizer = ObserverQuantizer(clone, config_list)
+    quantizer = ObserverQuantizer(clone, config_list, distributed=False)  # a local probe
     _forward(clone, data)
     quantizer.compress()
     return clone
@@ -81,7 +81,7 @@ def quantized_copy(model: nn.Module, config_list: List[Dict[str, Any]], data: to
 
 def _integer_layers(model: nn.Module, config_list: List[Dict[str, Any]]) -> Dict[str, Any]:
     """``{layer: its LayerConfig}`` for the layers ``config_list`` quantizes to integers."""
-    probe = ObserverQuantizer(copy.deepcopy(model), config_list)
+    probe = ObserverQuantizer(copy.deepcopy(model), config_list, distributed=False)
     return {n: w.config for n, w in probe.modules_wrapper.items()
             if any(is_integer_bits(b) for b in w.config.bits.values())}
 

@@ -101,7 +101,7 @@ class ConfigResolver:
         from ..quantizers import ObserverQuantizer
 
         clone = copy.deepcopy(model)
-        quantizer = ObserverQuantizer(clone, config_list, backend=self.backend)
+        quantizer = ObserverQuantizer(clone, config_list, backend=self.backend, distributed=False)  # a local build
         if quantizer.backend is None:  # only run-time (dynamic) activation quantization: weights need no data
             quantizer.compress()
             return quantizer.calibration_config()
