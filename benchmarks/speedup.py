@@ -1,19 +1,22 @@
 """Latency of mixq engines against fp32 and against ONNX Runtime's own int8 quantization.
 
 Builds fp32, mixed-precision and int8 engines of the MNIST model and the CIFAR ResNet-18 on
-the default backend (ONNX Runtime, CPU) and prints one table, measured in one run: latency at
+ONNX Runtime (CPU) and, where it is installed, OpenVINO (CPU), and prints one table, measured
+in one run: latency at
 batch 128 with 2 threads (median of at least --runs runs after --warmup runs; fast engines
 run about a second's worth), speedup against the fp32 engine and against torch eager fp32,
 average weight bits and ONNX file size. Every engine is timed in its own subprocess (with
 thread-pool spinning off), so no other session's threads run beside it; the processes run
 round-robin --rounds times and each engine keeps its lowest median, which damps load from
 elsewhere on the machine. ONNX Runtime's ``quantize_static`` (u8 activations, per-channel s8
-weights) on the same fp32 ResNet-18 graph is timed as the reference.
+weights) on the same fp32 ResNet-18 graph is timed as the reference, on ONNX Runtime and, as
+OpenVINO's own int8 engine of the model, compiled by OpenVINO.
 
 Weights are random for timing (ResNet-18) or trained for one short epoch (MNIST); calibration
 uses real images (CIFAR-10 from mixq.datasets.shared_data_dir(), else random data, said so).
 
     python3 benchmarks/speedup.py [--runs 20] [--warmup 5] [--batch 128] [--threads 2] [--rounds 5]
+                                  [--backends onnxruntime,openvino]
 """
 from __future__ import annotations
 
@@ -68,12 +71,12 @@ def resnet_config(model: torch.nn.Module, mixed: bool, act: Dict[str, str]) -> L
     return config
 
 
-def calibrate(model: torch.nn.Module, config_list, images: torch.Tensor):
+def calibrate(model: torch.nn.Module, config_list, images: torch.Tensor, backend: str = "onnxruntime"):
     from mixq.compressor import unwrapped_copy
     from mixq.quantizers import ObserverQuantizer
 
     clone = unwrapped_copy(model)
-    quantizer = ObserverQuantizer(clone, config_list)
+    quantizer = ObserverQuantizer(clone, config_list, backend=backend)
     with torch.no_grad():
         for i in range(0, len(images), 128):
             clone(images[i:i + 128])
@@ -139,6 +142,15 @@ def child(kind: str, path: str, shape: List[int], runs: int, warmup: int, thread
         session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         feed = {session.get_inputs()[0].name: x.numpy()}
         run = lambda: session.run(None, feed)  # noqa: E731
+    elif kind == "openvino":  # an ONNX model compiled by OpenVINO as the mixq backend compiles its own
+        import openvino as ov
+
+        from mixq.speedup.backends.openvino import DEVICE, _config
+        from mixq.speedup.backends.base import BuildOptions
+
+        request = ov.Core().compile_model(path, DEVICE, _config(BuildOptions(num_threads=threads))).create_infer_request()
+        feed = {0: x.numpy()}
+        run = lambda: request.infer(feed)  # noqa: E731
     else:
         torch.set_num_threads(threads)
         model = (MnistNet() if kind == "torch-mnist" else resnet18_cifar()).eval()
@@ -183,34 +195,41 @@ def resnet_with_data_bn() -> Tuple[torch.nn.Module, torch.Tensor, str]:
 # ---------------------------------------------------------------------------------------------
 
 def build_engines(name: str, model: torch.nn.Module, shape: List[int], configs, calib: torch.Tensor, tmp: str,
-                  args, reference_onnx: Optional[str] = None) -> List[Dict[str, object]]:
-    """Build and save every engine of one model; return rows with what to time."""
+                  args, backend: str, reference_onnx: Optional[str] = None) -> List[Dict[str, object]]:
+    """Build and save every engine of one model on ``backend``; return rows with what to time
+    (torch eager and ORT's ``quantize_static`` reference with the ONNX Runtime rows)."""
     from mixq.speedup import ModelSpeedup
 
-    state = os.path.join(tmp, f"{name}.pt")
-    torch.save(model.state_dict(), state)
-    torch_kind = "torch-mnist" if isinstance(model, MnistNet) else "torch-resnet"
-    rows = [{"model": name, "engine": "torch eager fp32", "kind": torch_kind, "path": state, "shape": shape,
-             "bits": 32.0, "size": None}]
+    suffix = "" if backend == "onnxruntime" else f" ({backend})"
+    rows = []
+    if backend == "onnxruntime":
+        state = os.path.join(tmp, f"{name}.pt")
+        torch.save(model.state_dict(), state)
+        torch_kind = "torch-mnist" if isinstance(model, MnistNet) else "torch-resnet"
+        rows.append({"model": name, "engine": "torch eager fp32", "kind": torch_kind, "path": state, "shape": shape,
+                     "bits": 32.0, "size": None})
     fp32_onnx = None
     for label, config_list in configs:
-        config = calibrate(model, config_list, calib) if config_list else None
-        onnx_path = os.path.join(tmp, f"{name}-{label}.onnx")
+        config = calibrate(model, config_list, calib, backend) if config_list else None
+        onnx_path = os.path.join(tmp, f"{name}-{label}-{backend}.onnx")
         engine = ModelSpeedup(model, tuple(shape), config=config, batchsize=shape[0], onnx_path=onnx_path,
-                              num_threads=args.threads)
+                              num_threads=args.threads, backend=backend)
         engine.compress()
         not_int8 = [r["layer"] for r in layer_rows(engine.precision_report())
                     if r["requested"] == "int8" and r["actual"] != "int8"]
         if not_int8:
-            print(f"# {name} {label}: requested int8 but not integer: {not_int8}")
-        path = os.path.join(tmp, f"{name}-{label}.engine")
+            print(f"# {name} {label}{suffix}: requested int8 but not integer: {not_int8}")
+        path = os.path.join(tmp, f"{name}-{label}-{backend}.engine")
         engine.export_quantized_model(path)
         fp32_onnx = fp32_onnx or onnx_path
-        rows.append({"model": name, "engine": f"mixq {label}", "kind": "mixq", "path": path, "shape": shape,
+        rows.append({"model": name, "engine": f"mixq {label}{suffix}", "kind": "mixq", "path": path, "shape": shape,
                      "bits": average_weight_bits(model, config), "size": os.path.getsize(onnx_path)})
     if reference_onnx is not None:
-        ort_quantize_static(fp32_onnx, reference_onnx, calib.numpy())
-        rows.append({"model": name, "engine": "ORT quantize_static u8/s8pc", "kind": "onnx", "path": reference_onnx,
+        if not os.path.exists(reference_onnx):
+            ort_quantize_static(fp32_onnx, reference_onnx, calib.numpy())
+        label, kind = ("ORT quantize_static u8/s8pc", "onnx") if backend == "onnxruntime" else \
+            (f"OpenVINO int8 (ORT QDQ){suffix}", backend)
+        rows.append({"model": name, "engine": label, "kind": kind, "path": reference_onnx,
                      "shape": shape, "bits": 8.0, "size": os.path.getsize(reference_onnx)})
     return rows
 
@@ -225,18 +244,18 @@ def time_rows(rows: List[Dict[str, object]], args) -> None:
             r["latency"] = min(r["latency"], time_in_child(r["kind"], r["path"], r["shape"], args))
     for model in {r["model"] for r in rows}:
         group = [r for r in rows if r["model"] == model]
-        fp32 = next(r["latency"] for r in group if r["engine"] == "mixq fp32")
+        fp32 = next(r["latency"] for r in group if r["engine"] == "mixq fp32")  # ONNX Runtime's fp32 engine
         eager = next(r["latency"] for r in group if r["engine"] == "torch eager fp32")
         for r in group:
             r["vs_fp32"], r["vs_torch"] = fp32 / r["latency"], eager / r["latency"]
 
 
 def print_table(rows: List[Dict[str, object]]) -> None:
-    print(f"{'model':10s} {'engine':30s} {'latency ms':>10s} {'vs fp32 eng':>11s} {'vs torch':>9s} "
+    print(f"{'model':10s} {'engine':38s} {'latency ms':>10s} {'vs ORT fp32':>11s} {'vs torch':>9s} "
           f"{'avg bits':>8s} {'ONNX MB':>8s}")
     for r in rows:
         size = f"{r['size'] / 2**20:8.2f}" if r["size"] else f"{'-':>8s}"
-        print(f"{r['model']:10s} {r['engine']:30s} {1000 * r['latency']:10.1f} {r['vs_fp32']:10.2f}x "
+        print(f"{r['model']:10s} {r['engine']:38s} {1000 * r['latency']:10.1f} {r['vs_fp32']:10.2f}x "
               f"{r['vs_torch']:8.2f}x {r['bits']:8.1f} {size}")
 
 
@@ -262,6 +281,15 @@ def check_targets(rows: List[Dict[str, object]]) -> None:
         ("MNIST int8 ONNX <= 0.27x the fp32 file", m_int8["size"] <= 0.27 * m_fp32["size"],
          f"{m_int8['size'] / m_fp32['size']:.3f}x"),
     ]
+    if any(r["engine"] == "mixq int8 (openvino)" for r in rows):
+        o_int8, o_fp32 = get("ResNet-18", "mixq int8 (openvino)"), get("ResNet-18", "mixq fp32 (openvino)")
+        o_mixed, o_ref = get("ResNet-18", "mixq mixed (openvino)"), get("ResNet-18", "OpenVINO int8 (ORT QDQ) (openvino)")
+        checks += [
+            ("ResNet-18 int8 on OpenVINO <= 1.05x OpenVINO's own int8", o_int8["latency"] <= 1.05 * o_ref["latency"],
+             f"{o_int8['latency'] / o_ref['latency']:.2f}x"),
+            ("ResNet-18 mixed on OpenVINO strictly between its fp32 and int8",
+             o_int8["latency"] < o_mixed["latency"] < o_fp32["latency"], f"{1000 * o_mixed['latency']:.1f} ms"),
+        ]
     for text, ok, value in checks:
         print(f"  [{'ok' if ok else 'MISS'}] {text}: {value}")
 
@@ -273,6 +301,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="round-robin repetitions of every engine's process")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated (default: onnxruntime, and openvino when it is installed)")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "PATH", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -287,17 +317,24 @@ def main() -> None:
     print(f"# batch {args.batch}, {args.threads} threads, median of >= {args.runs} runs after {args.warmup}, lowest of "
           f"{args.rounds} round-robin rounds; each engine in its own process; ResNet-18 calibrated on {source}; activations u8 affine, "
           "weights s8 per-channel symmetric (as ONNX Runtime's quantize_static)")
+    import importlib.util
+
+    backends = (args.backends.split(",") if args.backends else
+                ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else []))
     rows = []
     with tempfile.TemporaryDirectory(prefix="mixq-bench-") as tmp:
-        rows += build_engines("MNIST", mnist, [args.batch, 1, 28, 28],
-                           [("fp32", None), ("mixed", mnist_config(True, AFFINE_U8)),
-                            ("int8", mnist_config(False, AFFINE_U8))], mx[:512], tmp, args)
         sym = {"quant_scheme": "per_tensor_symmetric", "quant_dtype": "int"}
-        rows += build_engines("ResNet-18", resnet, [args.batch, 3, 32, 32],
-                           [("fp32", None), ("mixed", resnet_config(resnet, True, AFFINE_U8)),
-                            ("int8", resnet_config(resnet, False, AFFINE_U8)),
-                            ("int8 symmetric act.", resnet_config(resnet, False, sym))],
-                           calib, tmp, args, reference_onnx=os.path.join(tmp, "resnet-ort-qdq.onnx"))
+        for backend in backends:
+            rows += build_engines("MNIST", mnist, [args.batch, 1, 28, 28],
+                                  [("fp32", None), ("mixed", mnist_config(True, AFFINE_U8)),
+                                   ("int8", mnist_config(False, AFFINE_U8))], mx[:512], tmp, args, backend)
+            configs = [("fp32", None), ("mixed", resnet_config(resnet, True, AFFINE_U8)),
+                       ("int8", resnet_config(resnet, False, AFFINE_U8))]
+            if backend == "onnxruntime":
+                configs.append(("int8 symmetric act.", resnet_config(resnet, False, sym)))
+            rows += build_engines("ResNet-18", resnet, [args.batch, 3, 32, 32], configs, calib, tmp, args, backend,
+                                  reference_onnx=os.path.join(tmp, "resnet-ort-qdq.onnx"))
+        rows.sort(key=lambda r: r["model"] != "MNIST")  # one block per model
         time_rows(rows, args)
     print_table(rows)
     print("targets (DESIGN.md section 7):")
