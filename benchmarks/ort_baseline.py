@@ -208,6 +208,16 @@ def _child(kind: str, path: str, feeds_path: str, runs: int, warmup: int, thread
         names = [i.name for i in session.get_inputs()]
         feed = arrays if set(arrays) == set(names) else dict(zip(names, arrays.values()))
         run = lambda: session.run(None, feed)  # noqa: E731
+    elif kind == "openvino":  # an ONNX model compiled by OpenVINO as mixq's OpenVINO backend compiles its own
+        import openvino as ov
+
+        from mixq.speedup.backends.base import BuildOptions
+        from mixq.speedup.backends.openvino import DEVICE, _config
+
+        compiled = ov.Core().compile_model(path, DEVICE, _config(BuildOptions(num_threads=threads)))
+        request, names = compiled.create_infer_request(), [p.get_any_name() for p in compiled.inputs]
+        feed = {i: arrays[n] if n in arrays else list(arrays.values())[i] for i, n in enumerate(names)}
+        run = lambda: request.infer(feed)  # noqa: E731
     elif kind == "mixq":
         import torch
 
@@ -224,14 +234,15 @@ def _child(kind: str, path: str, feeds_path: str, runs: int, warmup: int, thread
             x = tuple(tensors[spec.name] for spec in engine.io.inputs)
         run = lambda: engine.inference(x)  # noqa: E731  (wall clock around the call, copies included)
     else:
-        raise ValueError(f"unknown engine kind {kind!r}: 'onnx' or 'mixq'")
+        raise ValueError(f"unknown engine kind {kind!r}: 'onnx', 'openvino' or 'mixq'")
     latency = time_calls(run, runs, warmup, min_seconds)
     print(json.dumps({"median_s": latency.median_s, "runs": latency.runs}))
 
 
 class TimedEngine(NamedTuple):
-    """An engine file to time: ``kind`` 'onnx' (an ONNX model, plain ORT session) or 'mixq'
-    (a file from ``ModelSpeedup.export_quantized_model``, run through ``engine.inference``)."""
+    """An engine file to time: ``kind`` 'onnx' (an ONNX model, plain ORT session), 'openvino'
+    (an ONNX model compiled by OpenVINO with mixq's OpenVINO settings) or 'mixq' (a file from
+    ``ModelSpeedup.export_quantized_model``, run through ``engine.inference``)."""
 
     kind: str
     path: str

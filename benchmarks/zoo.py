@@ -11,6 +11,9 @@ images) it builds, on the ONNX Runtime backend:
   mixq's own fp32 graph with the same calibration batches, with and without ORT's
   ``quant_pre_process``; the faster of the two is the reference;
 
+and, where OpenVINO is installed, the natural config calibrated for and built on OpenVINO
+against OpenVINO's own int8 engine of the model (ORT's QDQ model compiled by OpenVINO);
+
 and prints one table: int8 layers as requested, share of multiply-accumulates in integer
 kernels (the report's summary, cross-checked against the kernels of ONNX Runtime's optimized
 graph), latency (each engine in its own process, round-robin in rotating order; each engine's
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import logging
 import os
 import platform
@@ -110,11 +114,27 @@ def measure(name: str, args: argparse.Namespace, tmp: str) -> Dict[str, object]:
     for key, model_bytes in ort_models.items():
         outputs[key] = np.concatenate([run_onnx(model_bytes, {"input": test[i:i + args.batch].numpy()})[0]
                                        for i in range(0, len(test), args.batch)])
+    if args.openvino:
+        ov_wrapped = copy.deepcopy(model)
+        ov_quantizer = ObserverQuantizer(ov_wrapped, NATURAL, backend="openvino")
+        with torch.no_grad():
+            for batch in calib:
+                ov_wrapped(batch)
+        ov_quantizer.compress()
+        engines["ov natural"] = ModelSpeedup(model, shape, config=ov_quantizer.calibration_config(),
+                                             backend="openvino", **common).compress()
+        with torch.no_grad():
+            ov_simulated = ov_wrapped(test).numpy()
+        outputs["ov natural"] = engines["ov natural"].inference(test)[0].numpy()
     files = {}
     for key, engine in engines.items():
         files[key] = TimedEngine("mixq", os.path.join(tmp, f"{name}_{key}.mixq"))
         engine.export_quantized_model(files[key].path)
     files.update(ort_models)
+    if args.openvino:
+        files["ov own"] = TimedEngine("openvino", os.path.join(tmp, f"{name}_ort_qdq.onnx"))
+        with open(files["ov own"].path, "wb") as fh:
+            fh.write(ort_models["ort"])
     feeds = sample_images(args.batch, args.size, offset=9000).numpy()
     rounds = time_rounds(files, feeds, rounds=args.rounds, threads=args.threads)
     latency = {k: float(np.median(v)) for k, v in rounds.items()}
@@ -136,6 +156,13 @@ def measure(name: str, args: argparse.Namespace, tmp: str) -> Dict[str, object]:
               "ort_variant": best_ort,
               "agreement": float((outputs["natural"].argmax(1) == simulated.argmax(1)).mean()),
               "sim_cosine": cosine(outputs["natural"], simulated)}
+    if args.openvino:
+        result["openvino"] = {"natural_ms": latency["ov natural"] * 1e3, "own_ms": latency["ov own"] * 1e3,
+                              "vs_own": paired_ratio(rounds["ov natural"], rounds["ov own"]),
+                              "vs_ort_natural": paired_ratio(rounds["ov natural"], rounds["natural"]),
+                              "layers": _int8_layers(engines["ov natural"]),
+                              "cosine": cosine(outputs["ov natural"], reference),
+                              "agreement": float((outputs["ov natural"].argmax(1) == ov_simulated.argmax(1)).mean())}
     logging.info("%s done in %.0f s", name, build_s)
     return result
 
@@ -160,6 +187,16 @@ def table(results: List[Dict[str, object]]) -> str:
     return format_table(headers, rows)
 
 
+def openvino_table(results: List[Dict[str, object]]) -> str:
+    rows = [[r["model"], r["openvino"]["layers"], f"{r['openvino']['natural_ms']:.1f}", f"{r['openvino']['own_ms']:.1f}",
+             f"{r['openvino']['vs_own']:.2f}x", f"{r['openvino']['vs_ort_natural']:.2f}x",
+             f"{r['openvino']['cosine']:.4f}", f"{r['openvino']['agreement']:.0%}"]
+            for r in results if "openvino" in r]
+    headers = ["model", "int8 natural (OV)", "mixq OV ms", "OV own int8 ms", "vs OV own", "vs mixq ORT",
+               "cos to fp32", "OV engine vs sim top-1"]
+    return format_table(headers, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(ZOO), help="comma-separated names from mixq.zoo.ZOO")
@@ -169,7 +206,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--test-images", type=int, default=64)
+    parser.add_argument("--no-openvino", dest="openvino", action="store_false",
+                        help="skip the OpenVINO rows (they need `pip install openvino`)")
     args = parser.parse_args()
+    args.openvino = args.openvino and importlib.util.find_spec("openvino") is not None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("mixq", "ort_baseline"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -182,6 +222,9 @@ def main() -> None:
             results.append(measure(name, args, tmp))
             print(table(results[-1:]), flush=True)
     print("\n" + table(results))
+    if args.openvino:
+        print("\nOpenVINO (natural config calibrated for OpenVINO; OpenVINO's own int8 = ORT's QDQ model compiled by "
+              "OpenVINO):\n" + openvino_table(results))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ OpenVINO version only (the engine file records it and loading checks it).
 from __future__ import annotations
 
 import io
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -48,23 +48,27 @@ def _config(options: BuildOptions) -> Dict[str, object]:
             "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
 
 
-def _graph_node(original: str, names: set) -> str:
-    """The annotated-graph node a runtime node's original name stands for, or ''."""
+def _graph_node(original: str, names: Dict[str, str]) -> str:
+    """The annotated-graph node a runtime node's original name stands for, or ''. ``names``
+    maps node names, and the names of graph outputs (the frontend names a graph output's
+    producer after the output), to node names."""
     if original in names:
-        return original
+        return names[original]
     for marker in _FRONTEND_MARKERS:
         if marker in original and original[:original.index(marker)] in names:
-            return original[:original.index(marker)]
+            return names[original[:original.index(marker)]]
     return ""
 
 
-def node_precisions_from_runtime(graph_nodes: Sequence[onnx.NodeProto], runtime_model) -> Dict[str, str]:
+def node_precisions_from_runtime(graph_nodes: Sequence[onnx.NodeProto], graph_outputs: Sequence[str],
+                                 runtime_model) -> Dict[str, str]:
     """Per compute node of the annotated graph (by name): the precision of the runtime node of
     a computing type that absorbed it ('int8' for u8/i8, 'fp32', 'fp16'); a node absorbed only
     into data-movement nodes runs as those do. A node no runtime node names was folded away: it
     is 'int8' when every reader of its output is a QuantizeLinear inside an integer kernel (a
     ReLU/Clip folded into the quantization after it), else 'unknown'."""
-    all_names = {n.name for n in graph_nodes}
+    all_names = {n.name: n.name for n in graph_nodes}
+    all_names.update({out: n.name for n in graph_nodes for out in n.output if out in graph_outputs})
     names = {n.name for n in graph_nodes if n.op_type not in _ANNOTATION_OPS}
     found: Dict[str, List[tuple]] = {}
     for op in runtime_model.get_ordered_ops():
@@ -105,13 +109,14 @@ class OpenVinoEngine(Engine):
 
     backend = "openvino"
 
-    def __init__(self, compiled, graph_nodes: Sequence[onnx.NodeProto]) -> None:
+    def __init__(self, compiled, graph: Optional[onnx.GraphProto]) -> None:
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self.input_names = [p.get_any_name() for p in compiled.inputs]
         self.output_names = [p.get_any_name() for p in compiled.outputs]
         self.runtime_model = compiled.get_runtime_model()  # what runs (tests read its layer types)
-        self._precisions = node_precisions_from_runtime(graph_nodes, self.runtime_model) if graph_nodes else {}
+        self._precisions = {} if graph is None else node_precisions_from_runtime(
+            list(graph.node), [o.name for o in graph.output], self.runtime_model)
 
     def run(self, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
         results = self.request.infer({i: np.ascontiguousarray(a) for i, a in enumerate(inputs)})
@@ -141,7 +146,7 @@ class OpenVinoBackend(Backend):
         core = ov.Core()
         model = activations_as_uint8(model)
         compiled = core.compile_model(core.read_model(model.SerializeToString()), DEVICE, _config(options))
-        return OpenVinoEngine(compiled, list(model.graph.node))
+        return OpenVinoEngine(compiled, model.graph)
 
     def deserialize(self, payload: bytes, options: BuildOptions) -> OpenVinoEngine:
         ov = _import_ov()
@@ -149,4 +154,4 @@ class OpenVinoBackend(Backend):
             compiled = ov.Core().import_model(io.BytesIO(payload), DEVICE, _config(options))
         except RuntimeError as exc:
             raise EngineFormatError(f"OpenVINO cannot import the compiled model ({str(exc).strip()[:200]})") from None
-        return OpenVinoEngine(compiled, [])
+        return OpenVinoEngine(compiled, None)  # a loaded engine's report comes from its file
