@@ -4,11 +4,15 @@ soon as one dies: the kill test needs the survivor's own error). Each rank write
 ``result_<rank>.pt``; the tests compare the ranks with each other and with a single-process run
 in the test process on the same global batches.
 
-The 2-rank vs 1-process tolerance: min/max of the union batch is exact, so the only differences
-are float32 summation order (DDP averages two per-rank gradient means, one process takes one
-mean over 64 samples; oneDNN sums a conv differently for batch 32 and 64). Those are ~1e-7
-relative per step and grow a little through training, so ranges and weight scales are compared
-with rtol 1e-4 after 12 steps, and every rank's export is compared byte for byte.
+The 2-rank vs 1-process tolerance: the min/max of the union batch is exact, so ranges differ only
+when the weights do, and those differ only by float32 summation order (DDP averages two per-rank
+gradient means, one process takes one mean over 64 samples; oneDNN may sum a conv differently for
+batch 32 and 64): about one ulp per step. Compared with rtol 1e-5 after 12 steps; measured on
+this machine: weight scales within 1.6e-7 relative (one or two ulps), activation ranges
+bit-identical.
+Without the all-reduce the two ranks' ranges differ by up to 13% after 12 steps (relu2's max
+1.886 vs 2.134), so these comparisons do test it. Between ranks everything is compared bit for
+bit, exports byte for byte.
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ from mixq.datasets import load_mnist
 from mixq.models import MnistNet
 from mixq.quantizers import QAT_Quantizer
 
-CONFIG = [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]}]
+CONFIG = [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
+          {"quant_types": ["weight", "input", "output"], "quant_bits": 8, "op_names": ["fc2"]}]  # logits: signed
 GLOBAL_BATCH, STEPS, LR = 64, 12, 0.01
 PG_TIMEOUT_S = 20
 
@@ -56,15 +61,19 @@ def _entry(fn: Callable, rank: int, world: int, tmp: str, args: tuple) -> None:
 
 def run_ranks(fn: Callable, tmp_path, world: int = 2, args: tuple = (), timeout_s: float = 300) -> List[Dict]:
     """Run ``fn(rank, world, tmp, *args)`` in ``world`` fresh processes joined by a gloo process
-    group; return each rank's result (None for a rank that died without writing one)."""
+    group; return each rank's result (None for a rank that died without writing one). A rank that
+    writes ``gone_<rank>`` (see :func:`leave`) is not waited for; leftovers are killed at the end."""
     ctx = torch.multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_entry, args=(fn, r, world, str(tmp_path), args)) for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.time() + timeout_s
-    for p in procs:
-        p.join(max(1.0, deadline - time.time()))
-    for p in procs:
+    while time.time() < deadline and not all(
+            not p.is_alive() or (tmp_path / f"result_{r}.pt").exists() or (tmp_path / f"gone_{r}").exists()
+            for r, p in enumerate(procs)):
+        time.sleep(0.1)
+    for r, p in enumerate(procs):
+        p.join(0 if (tmp_path / f"gone_{r}").exists() else 5)
         if p.is_alive():
             p.kill()
             p.join()
@@ -73,6 +82,15 @@ def run_ranks(fn: Callable, tmp_path, world: int = 2, args: tuple = (), timeout_
         path = tmp_path / f"result_{r}.pt"
         results.append(torch.load(path, weights_only=True) if path.exists() else None)
     return results
+
+
+def leave(rank: int, tmp: str, sig: int) -> None:
+    """Leave the process group the hard way: write ``gone_<rank>`` (the time), then send ``sig``
+    (SIGKILL: a crash; SIGSTOP: a rank that hangs) to this process."""
+    time.sleep(0.5)  # let the previous step's messages reach the peers
+    with open(os.path.join(tmp, f"gone_{rank}"), "w") as fh:
+        fh.write(repr(time.time()))
+    os.kill(os.getpid(), sig)
 
 
 def assert_no_error(results: List[Dict]) -> None:
@@ -174,16 +192,16 @@ def test_two_rank_qat_exports_identical_calibration_equal_to_one_process(tmp_pat
     for step, (mine, ref) in enumerate(zip(r0["history"], reference["history"])):
         assert mine.keys() == ref.keys()
         for key in ref:
-            torch.testing.assert_close(mine[key], ref[key], rtol=1e-4, atol=1e-6, msg=f"step {step} {key}")
+            torch.testing.assert_close(mine[key], ref[key], rtol=1e-5, atol=1e-7, msg=f"step {step} {key}")
     ref_cal = reference["calibration"]
     assert ranks_calibration.keys() == ref_cal.keys()
     for layer, entry in ref_cal.items():
         if layer.startswith("@"):
             continue
         torch.testing.assert_close(torch.tensor(ranks_calibration[layer]["weight_scale"]),
-                                   torch.tensor(entry["weight_scale"]), rtol=1e-4, atol=0)
+                                   torch.tensor(entry["weight_scale"]), rtol=1e-5, atol=0)
         torch.testing.assert_close(ranks_calibration[layer]["tracked_max_input"], entry["tracked_max_input"],
-                                   rtol=1e-4, atol=1e-6)
+                                   rtol=1e-5, atol=1e-7)
 
 
 # --- setup errors -----------------------------------------------------------------------------
@@ -234,47 +252,50 @@ def test_model_already_wrapped_in_ddp_quantizes_its_inner_module(tmp_path):
 
 
 # --- a rank dies ------------------------------------------------------------------------------
-def killed_rank(rank: int, world: int, tmp: str, when: str) -> Dict[str, Any]:
+LEAVE = {"killed in training": ("training", signal.SIGKILL), "killed before export": ("export", signal.SIGKILL),
+         "hangs in training": ("training", signal.SIGSTOP)}
+
+
+def leaving_rank(rank: int, world: int, tmp: str, how: str) -> Dict[str, Any]:
+    """QAT for 6 steps, then export; rank 1 leaves at step 3 or just before the export."""
+    when, sig = LEAVE[how]
     torch.manual_seed(0)
     model = MnistNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     quantizer = QAT_Quantizer(model, CONFIG, optimizer)
     ddp = nn.parallel.DistributedDataParallel(model)
 
-    def die() -> None:
-        time.sleep(0.5)  # let the previous step's messages reach the survivor
-        with open(os.path.join(tmp, "died"), "w") as fh:
-            fh.write(repr(time.time()))
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    def maybe_die(step: int) -> None:
+    def maybe_leave(step: int) -> None:
         if rank == 1 and when == "training" and step == 3:
-            die()
+            leave(rank, tmp, sig)
 
-    train(model, ddp, quantizer, optimizer, range(6), rank, world, maybe_die)
+    train(model, ddp, quantizer, optimizer, range(6), rank, world, maybe_leave)
     if rank == 1 and when == "export":
-        die()
+        leave(rank, tmp, sig)
     model.eval()
     quantizer.export_model(os.path.join(tmp, "out", "model.pt"), os.path.join(tmp, "out", "calibration.json"))
     return {"exported": True}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("when", ["training", "export"])
-def test_killed_rank_survivor_fails_clearly_and_exports_nothing(tmp_path, when):
+@pytest.mark.parametrize("how", list(LEAVE))
+def test_lost_rank_survivor_fails_clearly_and_exports_nothing(tmp_path, how):
     (tmp_path / "out").mkdir()
-    r0, r1 = run_ranks(killed_rank, tmp_path, args=(when,), timeout_s=120)
-    assert r1 is None  # killed
+    r0, r1 = run_ranks(leaving_rank, tmp_path, args=(how,), timeout_s=120)
+    assert r1 is None  # killed (a hanging rank is killed by run_ranks at the end)
     assert r0 is not None and r0.get("error") == "RankLostError", r0
     assert "a rank was lost during range synchronisation" in r0["message"]
-    died = float((tmp_path / "died").read_text())
-    assert r0["time"] - died < PG_TIMEOUT_S + 5
+    waited = r0["time"] - float((tmp_path / "gone_1").read_text())
+    if LEAVE[how][1] == signal.SIGKILL:
+        assert waited < 5  # the peer's sockets close: gloo notices at once
+    else:
+        assert PG_TIMEOUT_S - 1 < waited < PG_TIMEOUT_S + 5  # a silent peer: the process group's timeout
     assert list((tmp_path / "out").iterdir()) == []  # no file, no temp file
 
 
 # --- resume from a rank-0 checkpoint ----------------------------------------------------------
 RESUME_AT = 4
-RESUME_CONFIG = [dict(CONFIG[0], quant_start_step=RESUME_AT)]  # quantization starts at the first resumed step
+RESUME_CONFIG = [dict(entry, quant_start_step=RESUME_AT) for entry in CONFIG]  # quantized from the resumed step on
 
 
 def checkpoint_rank(rank: int, world: int, tmp: str) -> Dict[str, Any]:
@@ -332,6 +353,9 @@ def test_resume_from_rank0_checkpoint_on_one_and_two_ranks(tmp_path):
         torch.set_num_threads(threads)
     for res in [one] + two:
         assert res["steps_loaded"] == RESUME_AT and res["steps"] == RESUME_AT + 1
+    # the scales of the resumed step come from the checkpoint's weights and ranges and the min/max
+    # of the union batch: the same on 1 rank as on 2 (measured bit-identical; a conv that rounds
+    # differently at batch 32 and 64 could move a last bit)
     assert two[0]["scales"] == two[1]["scales"]
     assert one["scales"].keys() == two[0]["scales"].keys()
     for key, value in one["scales"].items():
