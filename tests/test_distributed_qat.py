@@ -21,8 +21,11 @@ import functools
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import pytest
@@ -361,3 +364,21 @@ def test_resume_from_rank0_checkpoint_on_one_and_two_ranks(tmp_path):
     for key, value in one["scales"].items():
         torch.testing.assert_close(torch.tensor(two[0]["scales"][key]), torch.tensor(value), rtol=1e-6, atol=0,
                                    msg=key)
+
+
+# --- the example ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_mnist_ddp_example_under_torchrun(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(root / "examples" / "mnist_ddp.py"), "--steps", "30", "--backend", "onnxruntime",
+           "--out", str(tmp_path / "out")]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    # rank, steps, train s, QAT acc, engine acc, calibration sha256, = rank 0 file
+    rows = [line.split() for line in result.stdout.splitlines() if line[:2] in ("0 ", "1 ")]
+    assert [r[0] for r in rows] == ["0", "1"], result.stdout
+    for row in rows:
+        assert row[1] == "30" and row[6] == "yes"
+    assert rows[0][3:6] == rows[1][3:6]  # the same accuracies and calibration on both ranks
+    assert (tmp_path / "out" / "calibration.json").exists()
