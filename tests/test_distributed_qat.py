@@ -382,3 +382,29 @@ def test_mnist_ddp_example_under_torchrun(tmp_path):
         assert row[1] == "30" and row[6] == "yes"
     assert rows[0][3:6] == rows[1][3:6]  # the same accuracies and calibration on both ranks
     assert (tmp_path / "out" / "calibration.json").exists()
+
+
+# --- the checkpoint, in one process -----------------------------------------------------------
+def test_checkpoint_loads_before_placement_and_checks_quant_start_step():
+    """Without dummy_input the tensors are placed on the first forward: a checkpoint loaded before
+    it keeps their ranges until then. A checkpoint of another quant_start_step is refused."""
+    x = mnist_train()[0][:64]
+    torch.manual_seed(0)
+    model = MnistNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    quantizer = QAT_Quantizer(model, CONFIG, optimizer)
+    train(model, model, quantizer, optimizer, range(2), 0, 1)
+    state = model.state_dict()
+    restored = MnistNet()
+    resumed = QAT_Quantizer(restored, CONFIG)
+    restored.load_state_dict(state)
+    assert resumed.steps == 2
+    model.eval()
+    restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)  # placement, then the saved ranges
+    assert ranges(resumed) == ranges(quantizer)
+    later = MnistNet()
+    QAT_Quantizer(later, RESUME_CONFIG)
+    with pytest.raises(ConfigError, match="quant_start_step=0, the config list says 4"):
+        later.load_state_dict(state)

@@ -12,6 +12,8 @@ Only ``torch.distributed`` collectives are used. What a quantizer needs:
   that differ from rank 0).
 * :func:`collective` — a failed collective (a peer crashed, was killed or timed out) becomes a
   :class:`RankLostError` that says so.
+* :func:`hide_from_ddp` — the quantizer's buffers, which it keeps identical itself, are not
+  broadcast by DDP at every forward.
 """
 from __future__ import annotations
 
