@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from .model_io import ModelInputs
+from .model_io import eval_forward
 from .wrapped import is_wrapper
 
 PointKey = str
@@ -309,13 +309,9 @@ def trace_points(model: nn.Module, inputs: Any) -> Dict[PointKey, torch.Tensor]:
         return tensor
 
     points = CallPoints(model, record)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            ModelInputs.of(inputs).call(model)
+        eval_forward(model, inputs)
     finally:
-        model.train(was_training)
         points.remove()
     return records
 

@@ -23,6 +23,18 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def eval_forward(model: nn.Module, inputs: Any) -> Any:
+    """One eval-mode, no-grad forward of ``model`` on ``inputs`` (anything :meth:`ModelInputs.of`
+    takes); ``model``'s training mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return ModelInputs.of(inputs).call(model)
+    finally:
+        model.train(was_training)
+
+
 @dataclass(frozen=True)
 class ModelInputs:
     """Positional and keyword tensors of one model call (keywords in the forward's order)."""

@@ -15,7 +15,7 @@ from typing import Any, List, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from .model_io import ModelInputs
+from .model_io import eval_forward
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,9 @@ def trace_modules(model: nn.Module, example_input: Any, modules: Mapping[str, nn
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            ModelInputs.of(example_input).call(model)
+        eval_forward(model, example_input)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return calls

@@ -23,11 +23,11 @@ import numpy as np
 import onnx
 
 from .base import UNKNOWN, Backend, BackendUnavailable, BuildOptions, Engine, EngineFormatError
+from .ort_precision import ANNOTATION_OPS
 from .ort_refiner import activations_as_uint8
 
 INSTALL = 'pip install "mixq[openvino]" (or pip install openvino)'
 DEVICE = "CPU"
-_ANNOTATION_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Cast", "Constant", "Identity"}
 _FRONTEND_MARKERS = ("/WithoutBiases",)  # the ONNX frontend splits a Conv/Gemm into the product and a bias Add
 _PRECISIONS = {"u8": "int8", "i8": "int8", "f32": "fp32", "f16": "fp16"}
 # runtime nodes that compute a layer (others carry data: reorders, FakeQuantize, reshapes)
@@ -69,7 +69,7 @@ def node_precisions_from_runtime(graph_nodes: Sequence[onnx.NodeProto], graph_ou
     ReLU/Clip folded into the quantization after it), else 'unknown'."""
     all_names = {n.name: n.name for n in graph_nodes}
     all_names.update({out: n.name for n in graph_nodes for out in n.output if out in graph_outputs})
-    names = {n.name for n in graph_nodes if n.op_type not in _ANNOTATION_OPS}
+    names = {n.name for n in graph_nodes if n.op_type not in ANNOTATION_OPS}
     found: Dict[str, List[tuple]] = {}
     for op in runtime_model.get_ordered_ops():
         info = op.get_rt_info()

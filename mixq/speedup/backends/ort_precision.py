@@ -13,7 +13,8 @@ INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloa
 _OUTPUT_ZERO_POINT = {"QLinearConv": 7, "QGemm": 8, "QLinearConcat": 1}
 _FLOAT_OUTPUT = {"DequantizeLinear", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
 _INT_TYPES = {TensorProto.UINT8, TensorProto.INT8}
-_ANNOTATION_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Cast", "Constant", "Identity"}
+# graph nodes that only annotate precision (no compute of a layer of their own)
+ANNOTATION_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Cast", "Constant", "Identity"}
 
 
 
@@ -79,7 +80,7 @@ def node_precisions_from_optimized(refined: onnx.ModelProto, optimized: onnx.Mod
 
     result = {}
     for node in refined.graph.node:
-        if node.op_type in _ANNOTATION_OPS:
+        if node.op_type in ANNOTATION_OPS:
             continue
         weight = weight_initializer(node)
         if weight is not None and opt_readers.get(weight):
