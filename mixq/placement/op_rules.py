@@ -48,6 +48,7 @@ class OpRules:
     quantize_residual_input: bool        # quantize the non-conv input of an Add that follows a conv
     default_scheme: str
     default_dtype: str
+    quantize_conv_residual: bool = False  # an Add of two convs: quantize its second input (one conv fuses the Add)
 
     def is_integer_op(self, node: onnx.NodeProto, constant_inputs: int) -> bool:
         """True if ``node`` (with ``constant_inputs`` constant data inputs) runs integer here."""
@@ -84,7 +85,8 @@ TENSORRT = OpRules(
     default_dtype="int",
 )
 
-OPENVINO = replace(TENSORRT, backend="openvino", default_scheme="per_tensor_affine", default_dtype="uint")
+OPENVINO = replace(TENSORRT, backend="openvino", grid_ops=frozenset({"MaxPool"}), quantize_conv_residual=True,
+                   default_scheme="per_tensor_affine", default_dtype="uint")
 
 RULES: Dict[str, OpRules] = {r.backend: r for r in (ONNXRUNTIME, TENSORRT, OPENVINO)}
 

@@ -224,6 +224,10 @@ class _Policy:
             if name in p.absorbed:
                 continue
             if kind == "grid":
+                src = node.input[0]
+                producer = g.producer.get(src)
+                if not rules.quantize_outputs and not (producer is not None and kinds.get(producer.name) == "grid"):
+                    need(src, f"input of {node.op_type} {name}", name)  # its output keeps this grid
                 continue
             for t in g.activation_inputs(node):
                 producer = g.producer.get(t)
@@ -258,7 +262,9 @@ class _Policy:
         return None
 
     def _residual_inputs(self, region: Set[str], p: Placement, need) -> None:
-        """TensorRT: an Add reading a region conv's output gets its other input quantized."""
+        """An Add reading a region conv's output gets its other input quantized (TensorRT,
+        OpenVINO); with ``quantize_conv_residual``, also when both inputs come from convs (the
+        second input: the other conv then fuses the Add and the first need not write float)."""
         g = self.g
         for node in g.nodes:
             if node.op_type != "Add" or node.name in self.float_nodes:
@@ -266,10 +272,13 @@ class _Policy:
             inputs = g.activation_inputs(node)
             if len(inputs) != 2:
                 continue
-            from_conv = [i for i in inputs if g.producer.get(i) is not None and g.producer[i].name in region]
+            from_conv = [i for i in inputs if g.producer.get(i) is not None and g.producer[i].name in region
+                         and g.producer[i].op_type in WEIGHTED_OPS]
             if len(from_conv) == 1:
                 other = inputs[1] if inputs[0] == from_conv[0] else inputs[0]
                 need(other, f"residual input of Add {node.name}", node.name)
+            elif len(from_conv) == 2 and self.rules.quantize_conv_residual:
+                need(inputs[1], f"residual input of Add {node.name}", node.name)
 
     def blocked_reason(self, tensor: str) -> str:
         return self.blocked_why.get(tensor, "it cannot be quantized")
