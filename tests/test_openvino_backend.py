@@ -73,6 +73,8 @@ def test_report_rows_are_what_openvino_compiled(mnist_engines):
     assert all(r["actual"] == r["requested"] == "int8" for r in rows), rows
     compute = [(k, p) for k, p in runtime_layers(engine) if k in ("Convolution", "FullyConnected")]
     assert len(compute) == len(rows) and all(p in ("u8", "i8") for _, p in compute), compute
+    pools = [p for k, p in runtime_layers(engine) if k == "Pooling"]
+    assert pools == ["u8", "u8"]  # both max-pools (the second before a Flatten) keep their input's u8 grid
 
 
 def test_a_layer_left_in_float_is_reported_and_runs_f32(_trained_mnist, mnist):

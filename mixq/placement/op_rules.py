@@ -85,7 +85,7 @@ TENSORRT = OpRules(
     default_dtype="int",
 )
 
-OPENVINO = replace(TENSORRT, backend="openvino", grid_ops=frozenset({"MaxPool"}), quantize_conv_residual=True,
+OPENVINO = replace(TENSORRT, backend="openvino", grid_ops=frozenset({"MaxPool", "Flatten"}), quantize_conv_residual=True,
                    default_scheme="per_tensor_affine", default_dtype="uint")
 
 RULES: Dict[str, OpRules] = {r.backend: r for r in (ONNXRUNTIME, TENSORRT, OPENVINO)}
