@@ -25,6 +25,11 @@ FakeQuantize) into the kernel as post-ops, without rounding the conv's output fi
 placement quantizes conv/matmul inputs and the residual input of an Add, not conv outputs:
 with ONNX Runtime's placement (a Q after every conv) the fused kernel skipped that rounding
 and 1.5% of a CIFAR ResNet-20's predictions differed from the simulation; with this one, none.
+Two more rules keep every tensor between kernels in u8, as ONNX Runtime's positions do
+(ResNet-50: 52 of 53 convs write u8 instead of 48, MaxPool runs on codes): MaxPool and Flatten
+keep their input's grid (the point moves before them: max and reshaping commute with a monotone
+quantizer), and an Add of two convs (a projection shortcut) quantizes its second input, so that
+conv writes u8 and the first fuses the Add.
 """
 from __future__ import annotations
 
