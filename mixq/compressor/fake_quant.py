@@ -20,7 +20,8 @@ from typing import Optional, Tuple
 
 import torch
 
-SCHEMES = ("per_tensor_symmetric", "per_tensor_affine", "per_channel_symmetric", "per_channel_affine")
+from .scheme import Scheme
+
 DTYPES = ("int", "uint")
 MAX_INT_BITS = 8
 FP16_BITS = 16
@@ -28,13 +29,13 @@ _EPS = torch.finfo(torch.float32).eps
 
 
 def is_symmetric(scheme: str) -> bool:
-    """True for the two symmetric schemes."""
-    return scheme.endswith("symmetric")
+    """True for the two symmetric schemes (:attr:`Scheme.symmetric`)."""
+    return Scheme(scheme).symmetric
 
 
 def is_per_channel(scheme: str) -> bool:
-    """True for the two per-channel schemes."""
-    return scheme.startswith("per_channel")
+    """True for the two per-channel schemes (:attr:`Scheme.per_channel`)."""
+    return Scheme(scheme).per_channel
 
 
 def is_integer_bits(bits: int) -> bool:

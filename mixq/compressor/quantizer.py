@@ -11,14 +11,16 @@ import torch.nn as nn
 from .bn_fold import find_conv_bn_pairs
 from .call_points import CallPoints, PointKey
 from .calibration import CalibrationConfig, validate_calibration_config
+from .calibration_record import CalibrationRecord, LayerCalibration, QuantParams
 from .export_files import write_export
 from .layers import weight_axis
+from .scheme import Scheme
 from .point_state import BUFFERS_PER_POINT, PREFIX as POINT_PREFIX, PointState
 from .config import ConfigError, ConfigListSpec, LayerQuantConfig, module_names, is_matmul_site
 from .distributed import (broadcast_outcome, check_same_on_all_ranks, digest, hide_from_ddp, rank, unwrap_parallel,
                           use_distributed)
 from .observers import NonFiniteTensorError
-from .fake_quant import fake_quant_tensor, is_integer_bits, is_per_channel, qparams_from_range, weight_range
+from .fake_quant import fake_quant_tensor, is_integer_bits, qparams_from_range, weight_range
 from .model_io import check_dummy_input, model_device
 from .wrapper import QuantizerModuleWrapper, set_submodule, unwrapped_copy
 
@@ -271,7 +273,7 @@ class Quantizer:
         """``x`` fake-quantized with the tracked range of ``wrapper``'s ``qtype`` (unchanged while
         that range is unobserved)."""
         cfg = wrapper.config
-        lo, hi = getattr(wrapper, f"tracked_min_{qtype}"), getattr(wrapper, f"tracked_max_{qtype}")
+        lo, hi = wrapper.tracked_range(qtype)
         if is_integer_bits(cfg.bits[qtype]) and torch.isnan(lo):
             return x
         return fake_quant_tensor(x, cfg.bits[qtype], cfg.scheme[qtype], cfg.dtype[qtype], lo, hi)
@@ -289,49 +291,47 @@ class Quantizer:
 
     # Export ----------------------------------------------------------------------------------
     def calibration_config(self) -> CalibrationConfig:
-        """The calibration config (dict keyed by module name) of the current state, without writing files."""
-        config: CalibrationConfig = {}
+        """The calibration config (the NNI-keyed dict, see :mod:`.calibration`) of the current
+        state, without writing files."""
+        return validate_calibration_config(self.calibration_record().to_dict())
+
+    def calibration_record(self) -> CalibrationRecord:
+        """The calibration of the current state as a typed record (:mod:`.calibration_record`)."""
         with torch.no_grad():
-            for name, wrapper in self.modules_wrapper.items():
-                config[name] = self._layer_calibration(wrapper)
-        return self._complete_calibration(config)
+            layers = {name: self._layer_calibration(wrapper) for name, wrapper in self.modules_wrapper.items()}
+        return self._complete_calibration(CalibrationRecord(layers))
 
-    def _complete_calibration(self, config: CalibrationConfig) -> CalibrationConfig:
-        """Last step of :meth:`calibration_config` (placement-aware quantizers add their tensors)."""
-        return validate_calibration_config(config)
+    def _complete_calibration(self, record: CalibrationRecord) -> CalibrationRecord:
+        """Last step of :meth:`calibration_record` (placement-aware quantizers add their tensors)."""
+        return record
 
-    def _layer_calibration(self, wrapper: QuantizerModuleWrapper) -> Dict[str, Any]:
+    def _layer_calibration(self, wrapper: QuantizerModuleWrapper) -> LayerCalibration:
         cfg = wrapper.config
-        entry: Dict[str, Any] = {"type": cfg.module_type}
+        weight = None
         if "weight" in cfg.quant_types:
-            bits = cfg.bits["weight"]
-            entry["weight_bits"] = bits
+            bits, scheme, dtype = cfg.bits["weight"], Scheme(cfg.scheme["weight"]), cfg.dtype["weight"]
+            weight = QuantParams(bits)
             if is_integer_bits(bits):
-                scheme, axis = cfg.scheme["weight"], weight_axis(wrapper.module)
-                weight = wrapper.effective_weight()
-                lo, hi = self.weight_range(wrapper, weight)
-                scale, zp = qparams_from_range(lo, hi, bits, scheme, cfg.dtype["weight"])
-                entry.update(weight_scale=[float(s) for s in scale.reshape(-1)],
-                             weight_zero_point=[int(z) for z in zp.reshape(-1)],
-                             weight_scheme=scheme, weight_dtype=cfg.dtype["weight"],
-                             weight_axis=axis if is_per_channel(scheme) else None,
-                             folded_bn=wrapper.bn_name)
-            if cfg.dynamic:
-                entry["quant_dynamic"] = True
+                lo, hi = self.weight_range(wrapper, wrapper.effective_weight())
+                scale, zp = qparams_from_range(lo, hi, bits, scheme, dtype)
+                weight = QuantParams(bits, scheme, dtype, scale=[float(s) for s in scale.reshape(-1)],
+                                     zero_point=[int(z) for z in zp.reshape(-1)],
+                                     axis=weight_axis(wrapper.module) if scheme.per_channel else None)
+        activations = {}
         for qtype in ("input", "output"):
             if qtype not in wrapper.simulated_types:
                 continue
             bits = cfg.bits[qtype]
-            entry[f"{qtype}_bits"] = bits
-            lo, hi = getattr(wrapper, f"tracked_min_{qtype}"), getattr(wrapper, f"tracked_max_{qtype}")
-            if torch.isnan(lo):
-                if is_integer_bits(bits):
-                    raise RuntimeError(f"layer {wrapper.name!r}: no {qtype} range was observed; run forward passes "
-                                       "(training for QAT, calibration data for PTQ) before exporting")
-                continue
-            entry.update({f"tracked_min_{qtype}": float(lo), f"tracked_max_{qtype}": float(hi),
-                          f"{qtype}_scheme": cfg.scheme[qtype], f"{qtype}_dtype": cfg.dtype[qtype]})
-        return entry
+            lo, hi = wrapper.tracked_range(qtype)
+            if not torch.isnan(lo):
+                activations[qtype] = QuantParams(bits, cfg.scheme[qtype], cfg.dtype[qtype], float(lo), float(hi))
+            elif is_integer_bits(bits):
+                raise RuntimeError(f"layer {wrapper.name!r}: no {qtype} range was observed; run forward passes "
+                                   "(training for QAT, calibration data for PTQ) before exporting")
+            else:
+                activations[qtype] = QuantParams(bits)
+        return LayerCalibration(cfg.module_type, weight, folded_bn=wrapper.bn_name, quant_dynamic=cfg.dynamic,
+                                **activations)
 
     def export_model(self, model_path: Optional[str], calibration_path: Optional[str] = None,
                      onnx_path: Optional[str] = None, input_shape: Optional[Sequence[int]] = None,

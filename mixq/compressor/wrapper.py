@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from .call_points import strip_hooks
+from .calibration import layer_key
 from .config import LayerQuantConfig
 from .fake_quant import is_per_channel
 from .layers import bn_factor, weight_axis
@@ -50,8 +51,8 @@ class QuantizerModuleWrapper(nn.Module):
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         for qtype in ("input", "output"):
             if qtype in config.quant_types:
-                self.register_buffer(f"tracked_min_{qtype}", torch.tensor(float("nan"), device=device))
-                self.register_buffer(f"tracked_max_{qtype}", torch.tensor(float("nan"), device=device))
+                for field in ("tracked_min", "tracked_max"):
+                    self.register_buffer(layer_key(qtype, field), torch.tensor(float("nan"), device=device))
         self.observers = nn.ModuleDict()
         self.register_buffer("observer_enabled", torch.tensor(True, device=device))
         self.register_buffer("fake_quant_enabled", torch.tensor(True, device=device))
@@ -87,15 +88,20 @@ class QuantizerModuleWrapper(nn.Module):
         w = self.module.weight
         per_channel = is_per_channel(self.config.scheme["weight"])
         shape = (w.shape[weight_axis(self.module)],) if per_channel else ()
-        for side in ("min", "max"):
-            self.register_buffer(f"tracked_{side}_weight", torch.full(shape, float("nan"), device=w.device))
+        for field in ("tracked_min", "tracked_max"):
+            self.register_buffer(layer_key("weight", field), torch.full(shape, float("nan"), device=w.device))
+
+    def tracked_range(self, qtype: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The ``(min, max)`` buffers of ``qtype`` ('input', 'output'; 'weight' after
+        :meth:`add_weight_range`), assignable in place (``copy_``)."""
+        return self._buffers[layer_key(qtype, "tracked_min")], self._buffers[layer_key(qtype, "tracked_max")]
 
     @property
     def weight_range_buffers(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """``(tracked_min_weight, tracked_max_weight)`` after :meth:`add_weight_range`, else None."""
-        if "tracked_min_weight" not in self._buffers:
+        """The weight's :meth:`tracked_range` after :meth:`add_weight_range`, else None."""
+        if layer_key("weight", "tracked_min") not in self._buffers:
             return None
-        return self._buffers["tracked_min_weight"], self._buffers["tracked_max_weight"]
+        return self.tracked_range("weight")
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapper lacks are the wrapped module's (``layer.weight``, ``layer.in_features``)."""

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from schema import And, Or
 
-from ..compressor.calibration import CalibrationConfig
+from ..compressor.calibration_record import CalibrationRecord
 from ..compressor.config import QUANT_TYPES, ConfigListSpec
 from ..compressor.observers import OBSERVERS, Observer, make_observer
 from ..compressor.layers import weight_axis
@@ -116,9 +116,9 @@ class ObserverQuantizer(PlacementMixin, Quantizer):
                     elif not observer.has_data:
                         raise RuntimeError(f"layer {name!r} saw no {qtype} during calibration: run calibration "
                                            "forwards through the wrapped model before compress()")
-                    lo, hi = observer.compute_range(cfg.bits[qtype], cfg.scheme[qtype], cfg.dtype[qtype])
-                    getattr(wrapper, f"tracked_min_{qtype}").copy_(lo)
-                    getattr(wrapper, f"tracked_max_{qtype}").copy_(hi)
+                    for buffer, value in zip(wrapper.tracked_range(qtype),
+                                             observer.compute_range(cfg.bits[qtype], cfg.scheme[qtype], cfg.dtype[qtype])):
+                        buffer.copy_(value)
         self.disable_observer()
         self.enable_fake_quant()
         return self.bound_model
@@ -133,7 +133,7 @@ class ObserverQuantizer(PlacementMixin, Quantizer):
                 if qtype != "weight":
                     observer.merge_across_ranks()
 
-    def calibration_config(self) -> CalibrationConfig:
+    def calibration_record(self) -> CalibrationRecord:
         if not self.compressed:
             raise RuntimeError("ObserverQuantizer: call compress() after the calibration forwards, then export")
-        return super().calibration_config()
+        return super().calibration_record()

@@ -148,8 +148,7 @@ class QAT_Quantizer(PlacementMixin, Quantizer):
         if not wrapper.training:
             return
         lo, hi = self._batch_range(x, f"layer {wrapper.name!r} {qtype}")
-        tracked_min = getattr(wrapper, f"tracked_min_{qtype}")
-        tracked_max = getattr(wrapper, f"tracked_max_{qtype}")
+        tracked_min, tracked_max = wrapper.tracked_range(qtype)
         if torch.isnan(tracked_min):
             tracked_min.copy_(lo)
             tracked_max.copy_(hi)

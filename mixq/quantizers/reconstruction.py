@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..compressor.calibration import CalibrationConfig
+from ..compressor.calibration_record import CalibrationRecord
 from ..compressor.config import ConfigError, ConfigListSpec
 from ..compressor.fake_quant import is_integer_bits, is_per_channel, is_symmetric, qparams_from_range, quant_range
 from ..compressor.model_io import model_device
@@ -196,8 +196,8 @@ class ReconstructionQuantizer(Quantizer):
                 wrapper = self.modules_wrapper[name]
                 bits, lo, hi = act.export_range(level)
                 wrapper.config.bits[qtype] = bits
-                getattr(wrapper, f"tracked_min_{qtype}").copy_(lo)
-                getattr(wrapper, f"tracked_max_{qtype}").copy_(hi)
+                for buffer, value in zip(wrapper.tracked_range(qtype), (lo, hi)):
+                    buffer.copy_(value)
 
     # Compression -----------------------------------------------------------------------------
     def compress(self) -> nn.Module:
@@ -242,9 +242,9 @@ class ReconstructionQuantizer(Quantizer):
                     scheme = cfg.scheme["weight"]
                     observer = MSEObserver(axis=weight_axis(wrapper.module) if is_per_channel(scheme) else None)
                     observer.update(wrapper.effective_weight())
-                    lo, hi = observer.compute_range(cfg.bits["weight"], scheme, cfg.dtype["weight"])
-                    wrapper.tracked_min_weight.copy_(lo)
-                    wrapper.tracked_max_weight.copy_(hi)
+                    for buffer, value in zip(wrapper.weight_range_buffers,
+                                             observer.compute_range(cfg.bits["weight"], scheme, cfg.dtype["weight"])):
+                        buffer.copy_(value)
         self._apply_level(len(LEVELS) - 1)
 
     def _unit_wrappers(self, unit: Unit) -> List[QuantizerModuleWrapper]:
@@ -334,7 +334,7 @@ class ReconstructionQuantizer(Quantizer):
                 weight = torch.where(factor == 0, wrapper.module.weight, weight / factor)
             wrapper.module.weight.copy_(weight)
 
-    def calibration_config(self) -> CalibrationConfig:
+    def calibration_record(self) -> CalibrationRecord:
         if not self.compressed:
             raise RuntimeError("ReconstructionQuantizer: call compress() before exporting")
-        return super().calibration_config()
+        return super().calibration_record()
