@@ -6,14 +6,14 @@ import json
 import os
 import sys
 import zipfile
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from .compressor.calibration import (PLACEMENT_KEY, TENSORS_KEY, CalibrationConfig, CalibrationError, layer_entries,
-                                     load_calibration_config)
-from .compressor.fake_quant import is_integer_bits, qparams_from_range
+from .compressor.calibration import CalibrationConfig, CalibrationError, load_calibration_config
+from .compressor.calibration_record import CalibrationRecord, LayerCalibration, QuantParams
+from .compressor.fake_quant import qparams_from_range
 from .table import format_table
 from .timing import time_calls
 
@@ -28,45 +28,46 @@ def _size(n: float) -> str:
     return next((f"{n / unit:.1f} {name}" for unit, name in _UNITS if n >= unit), f"{n:.0f} bytes")
 
 
-def _grid_cell(bits: int, lo: float, hi: float, scheme: str, dtype: str) -> str:
-    scale, zp = qparams_from_range(lo, hi, bits, scheme, dtype)
-    return f"{bits}b [{_fmt(lo)}, {_fmt(hi)}] s={_fmt(float(scale))} zp={int(zp)}"
+def _grid_cell(params: QuantParams) -> str:
+    lo, hi = params.tracked_min, params.tracked_max
+    scale, zp = qparams_from_range(lo, hi, params.bits, params.scheme, params.dtype)
+    return f"{params.bits}b [{_fmt(lo)}, {_fmt(hi)}] s={_fmt(float(scale))} zp={int(zp)}"
 
 
-def _activation_cell(entry: dict, qtype: str) -> str:
-    bits = entry.get(f"{qtype}_bits")
-    if bits is None:
+def _activation_cell(params: Optional[QuantParams]) -> str:
+    if params is None:
         return "-"
-    if not is_integer_bits(bits) or f"tracked_min_{qtype}" not in entry:
-        return f"{bits}b"
-    return _grid_cell(bits, entry[f"tracked_min_{qtype}"], entry[f"tracked_max_{qtype}"], entry[f"{qtype}_scheme"],
-                      entry[f"{qtype}_dtype"])
+    if not params.integer or not params.has_range:
+        return f"{params.bits}b"
+    return _grid_cell(params)
 
 
-def _weight_cell(entry: dict) -> str:
-    bits = entry.get("weight_bits")
-    if bits is None:
+def _weight_cell(layer: LayerCalibration) -> str:
+    params = layer.weight
+    if params is None:
         return "-"
-    if "weight_scale" not in entry:
-        return f"{bits}b"
-    scales = entry["weight_scale"]
+    if params.scale is None:
+        return f"{params.bits}b"
+    scales = params.scale
     scale = _fmt(scales[0]) if len(scales) == 1 else f"{_fmt(min(scales))}..{_fmt(max(scales))} ({len(scales)} ch)"
-    folded = f" +{entry['folded_bn']}" if entry.get("folded_bn") else ""
-    return f"{bits}b {entry['weight_scheme']} s={scale}{folded}"
+    folded = f" +{layer.folded_bn}" if layer.folded_bn else ""
+    return f"{params.bits}b {params.scheme} s={scale}{folded}"
+
+
+def _layer_cells(layer: LayerCalibration) -> List[str]:
+    return [_weight_cell(layer), _activation_cell(layer.input), _activation_cell(layer.output)]
 
 
 def calibration_table(config: CalibrationConfig) -> str:
     """Per-layer table of a calibration config (bits, scheme, ranges and derived scales), then
     the tensors a backend placement quantizes, if any."""
-    rows = [[name, entry.get("type", "?"), _weight_cell(entry), _activation_cell(entry, "input"),
-             _activation_cell(entry, "output")] for name, entry in layer_entries(config).items()]
+    record = CalibrationRecord.from_dict(config)
+    rows = [[name, layer.type or "?", *_layer_cells(layer)] for name, layer in record.layers.items()]
     table = format_table(["layer", "type", "weight", "input", "output"], rows)
-    tensors = config.get(TENSORS_KEY)
-    if not tensors:
+    if not record.tensors:
         return table
-    rows = [[key, _grid_cell(t["bits"], t["tracked_min"], t["tracked_max"], t["scheme"], t["dtype"])]
-            for key, t in tensors.items()]
-    return (table + f"\n\ntensors placed for {config[PLACEMENT_KEY]['backend']}\n"
+    rows = [[key, _grid_cell(params)] for key, params in record.tensors.items()]
+    return (table + f"\n\ntensors placed for {record.backend}\n"
             + format_table(["tensor", "range"], rows))
 
 
@@ -79,15 +80,14 @@ def engine_table(path: str) -> str:
     """Header and per-layer table of a saved engine: calibration cells plus requested vs actual precision."""
     from .speedup.engine_file import read_engine_file
     meta, payload = read_engine_file(path)
-    layers = layer_entries(meta.get("calibration") or {})
+    layers = CalibrationRecord.from_dict(meta.get("calibration") or {}).layers
     rows, summary = [], ""
     for r in meta.get("precision_report", []):
         if r.get("kind") == "summary":
             summary = f"\n\n{r['actual']}: {r.get('reason', '')}"
             continue
-        entry = layers.get(r["layer"], {}) if r.get("kind", "layer") == "layer" else {}
-        rows.append([r["layer"], _weight_cell(entry), _activation_cell(entry, "input"), _activation_cell(entry, "output"),
-                     r["requested"], r["actual"], r.get("reason", "")])
+        layer = layers.get(r["layer"], LayerCalibration()) if r.get("kind", "layer") == "layer" else LayerCalibration()
+        rows.append([r["layer"], *_layer_cells(layer), r["requested"], r["actual"], r.get("reason", "")])
     inputs = ", ".join(f"{name} {_dynamic_batch(shape)}" for name, shape in zip(meta["input_names"], meta["input_shapes"]))
     head = (f"{meta['backend']} {meta['backend_version']} engine {path} ({len(payload) / 1024:.0f} KB), "
             f"inputs {inputs}, outputs {', '.join(meta['output_names'])}")

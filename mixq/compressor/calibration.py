@@ -17,6 +17,10 @@ point key (:mod:`.call_points`; e.g. ``'layer1.0@0/add_#0'``), and ``'@placement
 ``{'backend': 'onnxruntime'}``. The per-layer activation keys then repeat, for NNI users, the
 range of the tensor that serves the layer's input/output.
 
+This dict is the serialised form of the typed :class:`~mixq.compressor.calibration_record.CalibrationRecord`
+(quantizers build records, the speedup reads them); it stays the public form because NNI users
+index, edit and write these dicts. :func:`layer_key` is the one place the NNI keys are spelt.
+
 On disk: ``{"format": "mixq-calibration", "version": 2, "layers": {...}, "tensors": {...},
 "placement": {...}}`` (version 1 files, without the last two, still load). Loading never
 executes anything (plain JSON) and validates every field.
@@ -35,7 +39,8 @@ from schema import Optional as Opt
 from ..atomic_io import atomic_write
 from ..messages import short_repr
 from .config import ALLOWED_BITS, BITS_HELP, QUANT_TYPES
-from .fake_quant import DTYPES, SCHEMES, is_integer_bits, is_per_channel, is_symmetric, quant_range
+from .fake_quant import DTYPES, is_integer_bits, is_per_channel, is_symmetric, quant_range
+from .scheme import SCHEMES
 
 FORMAT_NAME = "mixq-calibration"
 FORMAT_VERSION = 2
@@ -60,23 +65,30 @@ _bits = And(lambda b: type(b) is int and b in ALLOWED_BITS, error=f"must be {BIT
 _int = And(lambda v: type(v) is int, error="must be an int")
 _scheme = Or(*SCHEMES, error=f"must be one of {list(SCHEMES)}")
 _dtype = Or(*DTYPES, error=f"must be one of {list(DTYPES)}")
-_FIELDS = {
-    "type": And(str, error="must be a module type name"),
-    "weight_bits": _bits,
-    "weight_scale": And(list, len, lambda v: all(_number(s) and s >= _F32_TINY for s in v),
-                        error=f"must be a non-empty list of positive float32 numbers ({_F32_TINY:.3g} .. "
-                              f"{_F32_MAX:.3g})"),
-    "weight_zero_point": And(list, len, lambda v: all(type(z) is int for z in v),
-                             error="must be a non-empty list of ints"),
-    "weight_scheme": _scheme,
-    "weight_axis": Or(None, And(_int, lambda a: a >= 0), error="must be an int >= 0 or null"),
-    "weight_dtype": _dtype,
-    "folded_bn": Or(None, str, error="must be a module name or null"),
-    "quant_dynamic": Schema(bool),
+
+
+def layer_key(qtype: str, field: str) -> str:
+    """The NNI key of one field of a quant type in a layer entry: ``('weight', 'scale')`` ->
+    ``'weight_scale'``, ``('input', 'tracked_min')`` -> ``'tracked_min_input'``."""
+    return f"{field}_{qtype}" if field.startswith("tracked_") else f"{qtype}_{field}"
+
+
+_WEIGHT_FIELDS = {
+    "bits": _bits,
+    "scale": And(list, len, lambda v: all(_number(s) and s >= _F32_TINY for s in v),
+                 error=f"must be a non-empty list of positive float32 numbers ({_F32_TINY:.3g} .. {_F32_MAX:.3g})"),
+    "zero_point": And(list, len, lambda v: all(type(z) is int for z in v), error="must be a non-empty list of ints"),
+    "scheme": _scheme,
+    "axis": Or(None, And(_int, lambda a: a >= 0), error="must be an int >= 0 or null"),
+    "dtype": _dtype,
 }
-for _q in ("input", "output"):
-    _FIELDS.update({f"{_q}_bits": _bits, f"tracked_min_{_q}": _finite, f"tracked_max_{_q}": _finite,
-                    f"{_q}_scheme": _scheme, f"{_q}_dtype": _dtype})
+_ACTIVATION_FIELDS = {"bits": _bits, "tracked_min": _finite, "tracked_max": _finite, "scheme": _scheme,
+                      "dtype": _dtype}
+_FIELDS = {"type": And(str, error="must be a module type name"),
+           **{layer_key("weight", f): v for f, v in _WEIGHT_FIELDS.items()},
+           "folded_bn": Or(None, str, error="must be a module name or null"),
+           "quant_dynamic": Schema(bool),
+           **{layer_key(q, f): v for q in ("input", "output") for f, v in _ACTIVATION_FIELDS.items()}}
 
 
 _TENSOR_FIELDS = Schema({"bits": And(lambda b: type(b) is int and is_integer_bits(b), error="must be an int in 1..8"),
@@ -91,12 +103,12 @@ class CalibrationError(SchemaError):
 
 
 def _required_keys(entry: Dict[str, Any], qtype: str) -> list:
-    bits = entry.get(f"{qtype}_bits")
+    bits = entry.get(layer_key(qtype, "bits"))
     if bits is None or not is_integer_bits(bits):
         return []
-    if qtype == "weight":
-        return ["weight_scale", "weight_zero_point", "weight_scheme", "weight_dtype", "weight_axis"]
-    return [f"tracked_min_{qtype}", f"tracked_max_{qtype}", f"{qtype}_scheme", f"{qtype}_dtype"]
+    fields = ("scale", "zero_point", "scheme", "dtype", "axis") if qtype == "weight" else \
+        ("tracked_min", "tracked_max", "scheme", "dtype")
+    return [layer_key(qtype, f) for f in fields]
 
 
 def validate_calibration_config(config: Any) -> CalibrationConfig:
@@ -120,16 +132,17 @@ def _validate_entry(name: str, entry: Dict[str, Any]) -> None:
             Schema(_FIELDS[key]).validate(value)
         except SchemaError as exc:
             raise CalibrationError(f"{where}: {key} = {short_repr(value)} {exc.code.splitlines()[0]}") from None
-    if not any(f"{q}_bits" in entry for q in QUANT_TYPES):
+    if not any(layer_key(q, "bits") in entry for q in QUANT_TYPES):
         raise CalibrationError(f"{where} has no weight_bits, input_bits or output_bits")
     for qtype in QUANT_TYPES:
         missing = [k for k in _required_keys(entry, qtype) if k not in entry]
         if missing:
             raise CalibrationError(f"{where} is missing {', '.join(missing)} "
-                                   f"(required for {entry[qtype + '_bits']}-bit {qtype})")
-        _check_grid(where, entry.get(f"{qtype}_bits"), entry.get(f"{qtype}_scheme"), f"{qtype}_scheme", qtype)
+                                   f"(required for {entry[layer_key(qtype, 'bits')]}-bit {qtype})")
+        scheme_key = layer_key(qtype, "scheme")
+        _check_grid(where, entry.get(layer_key(qtype, "bits")), entry.get(scheme_key), scheme_key, qtype)
         if qtype != "weight":
-            _check_range(where, entry, f"tracked_min_{qtype}", f"tracked_max_{qtype}")
+            _check_range(where, entry, layer_key(qtype, "tracked_min"), layer_key(qtype, "tracked_max"))
     if "weight_scale" in entry:
         _check_weight(where, entry)
 
@@ -236,4 +249,5 @@ def load_calibration_config(path: str) -> CalibrationConfig:
 
 
 __all__ = ["CalibrationConfig", "CalibrationError", "load_calibration_config", "save_calibration_config",
-           "validate_calibration_config", "layer_entries", "FORMAT_VERSION", "TENSORS_KEY", "PLACEMENT_KEY"]
+           "validate_calibration_config", "layer_entries", "layer_key", "FORMAT_VERSION", "TENSORS_KEY",
+           "PLACEMENT_KEY"]

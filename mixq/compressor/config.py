@@ -15,7 +15,8 @@ from schema import Optional as Opt
 
 from ..messages import close_matches, short_repr
 from .wrapped import is_wrapper
-from .fake_quant import DTYPES, SCHEMES, is_per_channel, is_symmetric
+from .fake_quant import DTYPES, is_per_channel, is_symmetric
+from .scheme import SCHEMES
 
 QUANT_TYPES = ("weight", "input", "output")
 WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,

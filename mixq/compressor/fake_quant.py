@@ -20,7 +20,8 @@ from typing import Optional, Tuple
 
 import torch
 
-SCHEMES = ("per_tensor_symmetric", "per_tensor_affine", "per_channel_symmetric", "per_channel_affine")
+from .scheme import Scheme
+
 DTYPES = ("int", "uint")
 MAX_INT_BITS = 8
 FP16_BITS = 16
@@ -28,13 +29,13 @@ _EPS = torch.finfo(torch.float32).eps
 
 
 def is_symmetric(scheme: str) -> bool:
-    """True for the two symmetric schemes."""
-    return scheme.endswith("symmetric")
+    """True for the two symmetric schemes (:attr:`Scheme.symmetric`)."""
+    return Scheme(scheme).symmetric
 
 
 def is_per_channel(scheme: str) -> bool:
-    """True for the two per-channel schemes."""
-    return scheme.startswith("per_channel")
+    """True for the two per-channel schemes (:attr:`Scheme.per_channel`)."""
+    return Scheme(scheme).per_channel
 
 
 def is_integer_bits(bits: int) -> bool:
@@ -153,3 +154,22 @@ def simulate_float_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == FP16_BITS:
         return _Fp16RoundTrip.apply(x)
     return x
+
+
+def weight_range(weight: torch.Tensor, scheme: str, axis: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Min/max of a weight, per channel along ``axis`` or over the whole tensor."""
+    w = weight.detach()
+    if is_per_channel(scheme):
+        return torch.aminmax(w.transpose(0, axis).reshape(w.shape[axis], -1), dim=1)
+    return torch.aminmax(w)
+
+
+def fake_quant_tensor(x: torch.Tensor, bits: int, scheme: str, dtype: str, min_val: torch.Tensor,
+                      max_val: torch.Tensor, axis: Optional[int] = None) -> torch.Tensor:
+    """Simulate deployment of ``x``: integer grid for 1..8 bits, fp16 for 16, identity for 32."""
+    if not is_integer_bits(bits):
+        return simulate_float_bits(x, bits)
+    scale, zero_point = qparams_from_range(min_val, max_val, bits, scheme, dtype)
+    qmin, qmax = quant_range(bits, dtype, is_symmetric(scheme))
+    return fake_quantize(x, scale.to(x.device), zero_point.to(x.device), qmin, qmax,
+                         axis if is_per_channel(scheme) else None)

@@ -23,6 +23,29 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def _call_with(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+
+
+def check_dummy_input(model: nn.Module, dummy_input: Any) -> None:
+    """Run ``model`` once on ``dummy_input`` (eval mode, no grad, every module's mode restored)
+    and raise ValueError naming the problem when it does not fit, before anything is wrapped."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            _call_with(model, dummy_input)
+    except Exception as exc:  # whatever the model raises on the wrong input
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"dummy_input does not fit the model ({reason[:300]}); pass one batch of the inputs the "
+                         "model's forward takes (a tensor, a tuple or a dict of tensors)") from None
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def eval_forward(model: nn.Module, inputs: Any) -> Any:
     """One eval-mode, no-grad forward of ``model`` on ``inputs`` (anything :meth:`ModelInputs.of`
     takes); ``model``'s training mode is restored afterwards."""

@@ -1,8 +1,15 @@
-"""Range observers: they watch tensors and propose a quantization range.
+"""Range observers: modules that watch tensors and propose a quantization range.
 
-Each observer has one contract: ``update(x)`` any number of times, then
-``compute_range(bits, scheme, dtype) -> (min_val, max_val)``. ``axis=None`` observes a whole
-tensor (activations); an integer axis keeps one range per slice along it (per-channel weights).
+Each observer has one contract: ``update(x)`` (or call it: ``observer(x)`` returns ``x``) any
+number of times, then ``compute_range(bits, scheme, dtype) -> (min_val, max_val)`` or
+``calculate_qparams(bits, scheme, dtype) -> (scale, zero_point)``. ``axis=None`` observes a
+whole tensor (activations); an integer axis keeps one range per slice along it (per-channel
+weights).
+
+Observers are ``nn.Module``s whose statistics are buffers: they are in the ``state_dict`` of the
+module holding them and follow ``.to(device)``. Before any data the range is ``(+inf, -inf)``;
+loading a ``state_dict`` adopts its channel count, while a histogram with another bin count is an
+error naming the fix.
 
 Calibration split across ``torch.distributed`` ranks calls ``merge_across_ranks()`` on every
 rank (a collective) before ``compute_range``: the observer then holds the statistics of all
@@ -10,9 +17,10 @@ ranks' data: min/max exactly, histograms re-binned onto the global range and sum
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
+import torch.nn as nn
 
 from .distributed import all_reduce_range, all_reduce_sum
 from .fake_quant import is_integer_bits, qparams_from_range, quant_range, quantize, dequantize, is_symmetric
@@ -35,39 +43,75 @@ def _minmax(x: torch.Tensor, axis: Optional[int]) -> Range:
     return lo.float(), hi.float()
 
 
-class Observer:
-    """Base class: tracks the running min/max of everything it saw."""
+class Observer(nn.Module):
+    """Base class: tracks the running min/max of everything it saw (buffers ``min_val`` /
+    ``max_val``, ``+inf`` / ``-inf`` until the first tensor)."""
+
+    # buffers whose shape follows the data (and a loaded state_dict)
+    _data_shaped: Tuple[str, ...] = ("min_val", "max_val")
 
     def __init__(self, axis: Optional[int] = None) -> None:
+        super().__init__()
         self.axis = axis
-        self.min_val: Optional[torch.Tensor] = None
-        self.max_val: Optional[torch.Tensor] = None
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}"
+
+    @property
+    def has_data(self) -> bool:
+        """Whether the observer has seen a tensor (or loaded the state of one that had)."""
+        return bool(torch.isfinite(self.min_val).all())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Observe ``x`` and return it unchanged."""
+        self.update(x)
+        return x
 
     def update(self, x: torch.Tensor) -> None:
         """Observe one tensor."""
         lo, hi = _minmax(x, self.axis)
-        if self.min_val is None:
-            self.min_val, self.max_val = lo, hi
-        else:
-            self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+        self.min_val = torch.minimum(self.min_val.to(lo.device), lo).to(self.min_val.dtype)
+        self.max_val = torch.maximum(self.max_val.to(hi.device), hi).to(self.max_val.dtype)
 
     def merge_across_ranks(self) -> None:
         """Hold the min/max of every rank's data (a collective: every rank calls it, in the same
         order); a rank that saw nothing contributes nothing."""
-        lo, hi = (self.min_val, self.max_val) if self.min_val is not None else (
-            torch.tensor(float("inf")), torch.tensor(float("-inf")))
-        lo, hi = all_reduce_range(lo, hi, f"merging {type(self).__name__} ranges")
+        lo, hi = all_reduce_range(self.min_val, self.max_val, f"merging {type(self).__name__} ranges")
         if bool(torch.isfinite(lo).all()):
             self.min_val, self.max_val = lo, hi
 
     def _check(self) -> None:
-        if self.min_val is None:
+        if not self.has_data:
             raise RuntimeError(f"{type(self).__name__} saw no data: run calibration forwards before compress()")
 
     def compute_range(self, bits: int, scheme: str, dtype: str) -> Range:
         """The range to quantize with."""
         self._check()
         return self.min_val, self.max_val
+
+    def calculate_qparams(self, bits: int, scheme: str, dtype: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` of :meth:`compute_range` on the ``bits``-bit grid (the one
+        formula, :func:`~mixq.compressor.fake_quant.qparams_from_range`)."""
+        lo, hi = self.compute_range(bits, scheme, dtype)
+        return qparams_from_range(lo, hi, bits, scheme, dtype)
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: List[str], unexpected_keys: List[str], error_msgs: List[str]) -> None:
+        for name in self._data_shaped:
+            value = state_dict.get(prefix + name)
+            if not torch.is_tensor(value) or value.shape == getattr(self, name).shape:
+                continue
+            if name != "tensor" and self.axis is None and value.dim() != 0:
+                error_msgs.append(f"{prefix}{name}: the checkpoint holds {value.numel()} per-channel values, this "
+                                  f"{type(self).__name__} observes whole tensors (axis=None); build the quantizer with "
+                                  "the checkpoint's quant_scheme")
+                continue
+            current = getattr(self, name)
+            setattr(self, name, torch.empty(value.shape, dtype=current.dtype, device=current.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 class MinMaxObserver(Observer):
@@ -83,11 +127,11 @@ class MovingAverageMinMaxObserver(Observer):
 
     def update(self, x: torch.Tensor) -> None:
         lo, hi = _minmax(x, self.axis)
-        if self.min_val is None:
-            self.min_val, self.max_val = lo, hi
+        if not self.has_data:
+            self.min_val, self.max_val = lo.to(self.min_val.dtype), hi.to(self.max_val.dtype)
         else:
-            self.min_val = self.decay * self.min_val + (1 - self.decay) * lo
-            self.max_val = self.decay * self.max_val + (1 - self.decay) * hi
+            self.min_val = self.decay * self.min_val + (1 - self.decay) * lo.to(self.min_val.device)
+            self.max_val = self.decay * self.max_val + (1 - self.decay) * hi.to(self.max_val.device)
 
     def merge_across_ranks(self) -> None:
         """The mean over ranks of their moving averages (an EMA of another rank's batches cannot be
@@ -96,57 +140,67 @@ class MovingAverageMinMaxObserver(Observer):
         if self.axis is not None:
             return
         stats = torch.zeros(3)
-        if self.min_val is not None:
-            stats = torch.stack([self.min_val.cpu(), self.max_val.cpu(), torch.tensor(1.0)])
+        if self.has_data:
+            stats = torch.stack([self.min_val.cpu().float(), self.max_val.cpu().float(), torch.tensor(1.0)])
         total = all_reduce_sum(stats, "merging MovingAverageMinMaxObserver ranges")
         if total[2] > 0:
-            device = self.min_val.device if self.min_val is not None else torch.device("cpu")
-            self.min_val, self.max_val = (total[0] / total[2]).to(device), (total[1] / total[2]).to(device)
+            device, dtype = self.min_val.device, self.min_val.dtype
+            self.min_val = (total[0] / total[2]).to(device, dtype)
+            self.max_val = (total[1] / total[2]).to(device, dtype)
 
 
 class _HistogramObserver(Observer):
-    """Keeps a histogram of per-tensor data (re-binned when the range grows) or, per channel,
-    the last observed tensor (weights are observed once)."""
+    """Keeps a histogram of per-tensor data (buffer ``hist``, re-binned when the range grows;
+    all zeros until the data has a range) or, per channel, the last observed tensor (buffer
+    ``tensor``; weights are observed once)."""
+
+    _data_shaped = ("min_val", "max_val", "tensor")
 
     def __init__(self, axis: Optional[int] = None, bins: int = 2048) -> None:
         super().__init__(axis)
         self.bins = bins
-        self.hist: Optional[torch.Tensor] = None
-        self.tensor: Optional[torch.Tensor] = None
+        self.register_buffer("hist", torch.zeros(bins))
+        self.register_buffer("tensor", torch.empty(0))
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, bins={self.bins}"
+
+    def _has_histogram(self) -> bool:
+        return bool(self.hist.sum() > 0)
 
     def update(self, x: torch.Tensor) -> None:
         old_lo, old_hi = self.min_val, self.max_val
         super().update(x)
         x = x.detach().float()
         if self.axis is not None:
-            self.tensor = x
+            self.tensor = x.to(self.tensor.dtype)
             return
         lo, hi = self.min_val.item(), self.max_val.item()
         if hi <= lo:
             return
         new = torch.histc(x, self.bins, lo, hi)
-        if self.hist is not None and old_hi.item() > old_lo.item():
-            new += self._rebin(old_lo.item(), old_hi.item(), lo, hi)
-        self.hist = new
+        if old_hi.item() > old_lo.item():
+            new += self._rebin(old_lo.item(), old_hi.item(), lo, hi).to(new.device)
+        self.hist = new.to(self.hist.dtype)
 
     def _rebin(self, old_lo: float, old_hi: float, lo: float, hi: float) -> torch.Tensor:
         """``self.hist`` (over ``[old_lo, old_hi]``) moved onto ``bins`` bins over ``[lo, hi]``
         (each old bin's count goes to the new bin holding its centre)."""
         idx = ((self._centers(old_lo, old_hi) - lo) / (hi - lo) * self.bins).long().clamp(0, self.bins - 1)
-        return torch.zeros(self.bins, device=self.hist.device).scatter_add_(0, idx.to(self.hist.device), self.hist)
+        return torch.zeros_like(self.hist).scatter_add_(0, idx.to(self.hist.device), self.hist)
 
     def merge_across_ranks(self) -> None:
         """Min/max over ranks, then every rank's histogram re-binned onto that common range and
         summed (per-channel observers hold a weight, identical on every rank: min/max only)."""
-        old = (self.min_val.item(), self.max_val.item()) if self.min_val is not None else None
+        old = (self.min_val.item(), self.max_val.item()) if self.has_data else None
         super().merge_across_ranks()
-        if self.axis is not None or self.min_val is None or self.max_val.item() <= self.min_val.item():
+        if self.axis is not None or not self.has_data or self.max_val.item() <= self.min_val.item():
             return
         lo, hi = self.min_val.item(), self.max_val.item()
         local = torch.zeros(self.bins)
-        if self.hist is not None and old is not None and old[1] > old[0]:
-            local = self._rebin(old[0], old[1], lo, hi)
-        self.hist = all_reduce_sum(local, f"merging {type(self).__name__} histograms")
+        if old is not None and old[1] > old[0]:
+            local = self._rebin(old[0], old[1], lo, hi).cpu().float()
+        self.hist = all_reduce_sum(local, f"merging {type(self).__name__} histograms").to(self.hist)
 
     def _centers(self, lo: float, hi: float) -> torch.Tensor:
         width = (hi - lo) / self.bins
@@ -154,6 +208,16 @@ class _HistogramObserver(Observer):
 
     def _per_channel_rows(self) -> torch.Tensor:
         return self.tensor.transpose(0, self.axis).reshape(self.tensor.shape[self.axis], -1)
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: List[str], unexpected_keys: List[str], error_msgs: List[str]) -> None:
+        hist = state_dict.get(prefix + "hist")
+        if torch.is_tensor(hist) and hist.shape != self.hist.shape:
+            error_msgs.append(f"{prefix}hist: the checkpoint's histogram has {hist.numel()} bins, this "
+                              f"{type(self).__name__} has {self.bins}; build it with bins={hist.numel()}")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 class PercentileObserver(_HistogramObserver):
@@ -173,12 +237,12 @@ class PercentileObserver(_HistogramObserver):
             lo = torch.quantile(rows, 1 - p, dim=1)
             hi = torch.quantile(rows, p, dim=1)
             return lo, hi
-        if self.hist is None:
+        if not self._has_histogram():
             return self.min_val, self.max_val
         cdf = torch.cumsum(self.hist, 0) / self.hist.sum()
-        edges = self._centers(self.min_val.item(), self.max_val.item())
-        lo = edges[int(torch.searchsorted(cdf, torch.tensor(1 - p)).clamp(max=self.bins - 1))]
-        hi = edges[int(torch.searchsorted(cdf, torch.tensor(p)).clamp(max=self.bins - 1))]
+        edges = self._centers(self.min_val.item(), self.max_val.item()).to(self.min_val)
+        lo = edges[int(torch.searchsorted(cdf, torch.tensor(1 - p, dtype=cdf.dtype)).clamp(max=self.bins - 1))]
+        hi = edges[int(torch.searchsorted(cdf, torch.tensor(p, dtype=cdf.dtype)).clamp(max=self.bins - 1))]
         return torch.minimum(lo, self.max_val), torch.maximum(hi, self.min_val)
 
 
@@ -196,18 +260,19 @@ class MSEObserver(_HistogramObserver):
             return self.min_val, self.max_val
         if self.axis is not None:
             values, weights = self._per_channel_rows(), None
-        elif self.hist is None:
+        elif not self._has_histogram():
             return self.min_val, self.max_val
         else:
-            values = self._centers(self.min_val.item(), self.max_val.item()).unsqueeze(0)
+            values = self._centers(self.min_val.item(), self.max_val.item()).unsqueeze(0).to(self.hist)
             weights = self.hist.unsqueeze(0)
         qmin, qmax = quant_range(bits, dtype, is_symmetric(scheme))
-        best_err = torch.full((values.shape[0],), float("inf"))
+        best_err = torch.full((values.shape[0],), float("inf"), device=values.device)
         best_lo, best_hi = self.min_val.clone().reshape(-1), self.max_val.clone().reshape(-1)
         for k in range(1, self.grid + 1):
             alpha = k / self.grid
             lo, hi = alpha * self.min_val.reshape(-1), alpha * self.max_val.reshape(-1)
             scale, zp = qparams_from_range(lo, hi, bits, scheme, dtype)
+            scale, zp = scale.to(values.device), zp.to(values.device)
             deq = dequantize(quantize(values, scale, zp, qmin, qmax, axis=0), scale, zp, axis=0)
             sq = (deq - values) ** 2
             err = (sq * weights).sum(1) if weights is not None else sq.sum(1)
@@ -227,7 +292,7 @@ OBSERVERS: Dict[str, Type[Observer]] = {
 }
 
 
-def make_observer(spec, axis: Optional[int] = None) -> Observer:
+def make_observer(spec: Any, axis: Optional[int] = None) -> Observer:
     """Build an observer from a name (``'mse'``) or a dict (``{'name': 'percentile', 'percentile': 99.9}``)."""
     if isinstance(spec, str):
         spec = {"name": spec}

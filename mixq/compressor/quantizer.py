@@ -1,72 +1,30 @@
 """The Quantizer base class: validate a config list, wrap layers in place, export calibration."""
 from __future__ import annotations
 
-import io
 import logging
-import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..atomic_io import atomic_write
 from .bn_fold import find_conv_bn_pairs
 from .call_points import CallPoints, PointKey
-from .calibration import CalibrationConfig, save_calibration_config, validate_calibration_config
+from .calibration import CalibrationConfig, validate_calibration_config
+from .calibration_record import CalibrationRecord, LayerCalibration, QuantParams
+from .export_files import write_export
 from .layers import weight_axis
-from .point_ranges import PREFIX as POINT_PREFIX, PointRanges
+from .scheme import Scheme
+from .point_state import BUFFERS_PER_POINT, PREFIX as POINT_PREFIX, PointState
 from .config import ConfigError, ConfigListSpec, LayerQuantConfig, module_names, is_matmul_site
 from .distributed import (broadcast_outcome, check_same_on_all_ranks, digest, hide_from_ddp, rank, unwrap_parallel,
                           use_distributed)
 from .observers import NonFiniteTensorError
-from .fake_quant import (fake_quantize, is_integer_bits, is_per_channel, is_symmetric, qparams_from_range,
-                         quant_range, simulate_float_bits)
+from .fake_quant import fake_quant_tensor, is_integer_bits, qparams_from_range, weight_range
+from .model_io import check_dummy_input, model_device
 from .wrapper import QuantizerModuleWrapper, set_submodule, unwrapped_copy
 
 logger = logging.getLogger(__name__)
-
-
-def weight_range(weight: torch.Tensor, scheme: str, axis: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Min/max of a weight, per channel along ``axis`` or over the whole tensor."""
-    w = weight.detach()
-    if is_per_channel(scheme):
-        return torch.aminmax(w.transpose(0, axis).reshape(w.shape[axis], -1), dim=1)
-    return torch.aminmax(w)
-
-
-def fake_quant_tensor(x: torch.Tensor, bits: int, scheme: str, dtype: str, min_val: torch.Tensor,
-                      max_val: torch.Tensor, axis: Optional[int] = None) -> torch.Tensor:
-    """Simulate deployment of ``x``: integer grid for 1..8 bits, fp16 for 16, identity for 32."""
-    if not is_integer_bits(bits):
-        return simulate_float_bits(x, bits)
-    scale, zero_point = qparams_from_range(min_val, max_val, bits, scheme, dtype)
-    qmin, qmax = quant_range(bits, dtype, is_symmetric(scheme))
-    return fake_quantize(x, scale.to(x.device), zero_point.to(x.device), qmin, qmax,
-                         axis if is_per_channel(scheme) else None)
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-
-
-def check_dummy_input(model: nn.Module, dummy_input: Any) -> None:
-    """Run ``model`` once on ``dummy_input`` (eval mode, no grad, every module's mode restored)
-    and raise ValueError naming the problem when it does not fit, before anything is wrapped."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            _call(model, dummy_input)
-    except Exception as exc:  # whatever the model raises on the wrong input
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise ValueError(f"dummy_input does not fit the model ({reason[:300]}); pass one batch of the inputs the "
-                         "model's forward takes (a tensor, a tuple or a dict of tensors)") from None
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 class Quantizer:
@@ -104,7 +62,7 @@ class Quantizer:
             check_dummy_input(model, dummy_input)
         # activation points (placement-aware quantizers): key -> (bits, scheme, dtype) and range
         self.point_grids: Dict[PointKey, Tuple[int, str, str]] = {}
-        self.point_ranges = PointRanges(model, ())
+        self.point_ranges = PointState(model, ())
         self._call_points: Optional[CallPoints] = None
         self._pending_point_state: Dict[str, torch.Tensor] = {}
         ref = weakref.ref(self)
@@ -114,6 +72,12 @@ class Quantizer:
             if quantizer is not None and module is quantizer.bound_model:  # not a copy of the model
                 quantizer._stash_point_state(state_dict, prefix)
         model.register_load_state_dict_pre_hook(stash)
+
+        def reload_switches(module: nn.Module, _keys: Any) -> None:
+            quantizer = ref()
+            if quantizer is not None and module is quantizer.bound_model:
+                quantizer.point_ranges.reload_switches()
+        model.register_load_state_dict_post_hook(reload_switches)
         self.modules_wrapper: Dict[str, QuantizerModuleWrapper] = {}
         for name, cfg in self.layer_configs.items():
             if is_matmul_site(name):  # no module to wrap: the placement quantizes its operands
@@ -129,7 +93,8 @@ class Quantizer:
         """The quantizer's buffers (kept identical on every rank by the quantizer itself) are not
         DistributedDataParallel's to broadcast."""
         names = [f"{alias}.{key}" for name, wrapper in self.modules_wrapper.items()
-                 for alias in module_names(self.bound_model, name) for key in wrapper._buffers]
+                 for alias in module_names(self.bound_model, name) for key, _ in wrapper.named_buffers()
+                 if not key.startswith("module.")]
         names += [key for key in self.bound_model._buffers if key.startswith(POINT_PREFIX)]
         hide_from_ddp(self.bound_model, names)
 
@@ -144,12 +109,14 @@ class Quantizer:
         pending, self._pending_point_state = self._pending_point_state, {}
         names = {n for n in self.bound_model._buffers if n.startswith(POINT_PREFIX)}
         if set(pending) != names:
-            raise ConfigError(f"the checkpoint loaded into this model holds the ranges of {len(pending) // 2} "
-                              f"tensors, the placement of this model and config list has {len(names) // 2}; "
-                              "load a checkpoint of the same model, config list and backend")
+            raise ConfigError(f"the checkpoint loaded into this model holds the state of "
+                              f"{len(pending) // BUFFERS_PER_POINT} tensors, the placement of this model and config "
+                              f"list has {len(names) // BUFFERS_PER_POINT}; load a checkpoint of the same model, config "
+                              "list and backend")
         with torch.no_grad():
             for name, value in pending.items():
                 getattr(self.bound_model, name).copy_(value)
+        self.point_ranges.reload_switches()
 
     def _restore_model(self) -> None:
         """Undo the wrapping (and activation hooks): for a constructor that fails after wrapping."""
@@ -170,6 +137,38 @@ class Quantizer:
         """Finish setting up quantization and return the (wrapped, same) model."""
         return self.bound_model
 
+    # Switches (every wrapped layer and activation point) ---------------------------------------
+    def enable_observer(self, enabled: bool = True) -> None:
+        """Let every wrapped layer and activation point update its ranges (``False``: freeze them)."""
+        self._set_switches(observer=enabled)
+
+    def disable_observer(self) -> None:
+        """Freeze every range."""
+        self.enable_observer(False)
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        """Run every wrapped layer and activation point quantized (``False``: in float)."""
+        self._set_switches(fake_quant=enabled)
+
+    def disable_fake_quant(self) -> None:
+        """Run the model in float (ranges are still observed while the observers are on)."""
+        self.enable_fake_quant(False)
+
+    def _set_switches(self, observer: Optional[bool] = None, fake_quant: Optional[bool] = None) -> None:
+        for wrapper in self.modules_wrapper.values():
+            if observer is not None:
+                wrapper.enable_observer(observer)
+            if fake_quant is not None:
+                wrapper.enable_fake_quant(fake_quant)
+        for key in self.point_ranges.keys():
+            self.point_ranges.set_switches(key, observer, fake_quant)
+
+    def _switch_states(self) -> List[Tuple[bool, bool]]:
+        """``(observing, fake_quantizing)`` of every wrapped layer and activation point."""
+        states = [(w.observing, w.fake_quantizing) for w in self.modules_wrapper.values()]
+        return states + [(self.point_ranges.observing(k), self.point_ranges.fake_quantizing(k))
+                         for k in self.point_ranges.keys()]
+
     # Hooks called by the wrappers ------------------------------------------------------------
     def quantize_weight(self, wrapper: QuantizerModuleWrapper, weight: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``weight`` (already BN-folded where folding is simulated)."""
@@ -180,7 +179,11 @@ class Quantizer:
         return fake_quant_tensor(weight, cfg.bits["weight"], scheme, cfg.dtype["weight"], lo, hi, axis)
 
     def weight_range(self, wrapper: QuantizerModuleWrapper, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The range the weight is quantized with (min/max by default)."""
+        """The range the weight is quantized with: the calibrated one where the quantizer fixes it
+        (:meth:`QuantizerModuleWrapper.add_weight_range`), else the weight's min/max."""
+        fixed = wrapper.weight_range_buffers
+        if fixed is not None:
+            return fixed
         return weight_range(weight, wrapper.config.scheme["weight"], weight_axis(wrapper.module))
 
     def bias_scales(self, wrapper: QuantizerModuleWrapper, weight: torch.Tensor
@@ -189,8 +192,7 @@ class Quantizer:
         ``wrapper`` lies on, or None while its input or weight is not quantized."""
         key = wrapper.bias_point
         cfg = wrapper.config
-        if key is None or key not in self.point_grids or not self.weights_active(wrapper) \
-                or not is_integer_bits(cfg.bits["weight"]):
+        if key is None or key not in self.point_grids or not is_integer_bits(cfg.bits["weight"]):
             return None
         bits, scheme, dtype = self.point_grids[key]
         lo, hi = self.point_ranges[key]
@@ -204,22 +206,21 @@ class Quantizer:
 
     def quantize_dynamic_input(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
         """The input of a dynamically quantized layer as the engine computes it: uint8, per tensor,
-        with the range of this very tensor (ONNX ``DynamicQuantizeLinear``), whenever the layer's
-        weight is quantized."""
-        if not self.weights_active(wrapper):
-            return x
+        with the range of this very tensor (ONNX ``DynamicQuantizeLinear``)."""
         lo, hi = torch.aminmax(x.detach())
         return fake_quant_tensor(x, 8, "per_tensor_affine", "uint", lo, hi)
 
-    def weights_active(self, wrapper: QuantizerModuleWrapper) -> bool:
-        """Whether the layer's weight is fake-quantized now (quantizers with phases override it)."""
-        return True
+    def observe_activation(self, wrapper: QuantizerModuleWrapper, qtype: str, x: torch.Tensor) -> None:
+        """Update the range of ``wrapper``'s ``qtype`` ('input' or 'output') from ``x`` (called
+        while the wrapper's observer is on; no-op by default)."""
 
     def quantize_input(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
-        return x
+        """Fake-quantize the input (called while the wrapper's fake quantization is on)."""
+        return self.fake_quant_activation(wrapper, "input", x)
 
     def quantize_output(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
-        return x
+        """Fake-quantize the output (called while the wrapper's fake quantization is on)."""
+        return self.fake_quant_activation(wrapper, "output", x)
 
     def install_points(self, grids: Dict[PointKey, Tuple[int, str, str]]) -> CallPoints:
         """Quantize the activations at ``grids``' point keys (see :mod:`.call_points`) through
@@ -227,15 +228,26 @@ class Quantizer:
         if self._call_points is not None:
             self._call_points.remove()
         self.point_grids = dict(grids)
-        self.point_ranges = PointRanges(self.bound_model, list(grids))  # buffers: in the model's state_dict
+        self.point_ranges = PointState(self.bound_model, list(grids))  # buffers: in the model's state_dict
+        for key in grids:
+            observer, fake_quant = self._initial_point_switches(key)
+            self.point_ranges.set_switches(key, observer, fake_quant)
         self._call_points = CallPoints(self.bound_model, self._point_hook, keys=set(grids))
         if self._pending_point_state:
             self._load_pending_point_state()
         self._hide_state_from_ddp()
         return self._call_points
 
+    def _initial_point_switches(self, key: PointKey) -> Tuple[bool, bool]:
+        """``(observer, fake_quant)`` of a newly placed point (both on by default)."""
+        return True, True
+
     def _point_hook(self, key: PointKey, x: torch.Tensor) -> torch.Tensor:
         try:
+            if self.point_ranges.observing(key):
+                self.observe_point(key, x)
+            if not self.point_ranges.fake_quantizing(key):
+                return x
             return self.quantize_point(key, x)
         except NonFiniteTensorError as exc:
             raise NonFiniteTensorError(f"tensor {key!r}{self._point_context(key)}: {exc}") from None
@@ -244,20 +256,24 @@ class Quantizer:
         """Where a point sits, for messages (placement-aware quantizers say which layer it feeds)."""
         return ""
 
-    def quantize_point(self, key: PointKey, x: torch.Tensor) -> torch.Tensor:
-        """Observe and/or fake-quantize the activation at point ``key`` (identity by default)."""
-        return x
+    def observe_point(self, key: PointKey, x: torch.Tensor) -> None:
+        """Update the range of point ``key`` from ``x`` (called while its observer is on; no-op by
+        default)."""
 
-    def _fake_quant_point(self, key: PointKey, x: torch.Tensor) -> torch.Tensor:
+    def quantize_point(self, key: PointKey, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize the activation at point ``key`` with its tracked range (called while its
+        fake quantization is on)."""
         bits, scheme, dtype = self.point_grids[key]
         lo, hi = self.point_ranges[key]
         if is_integer_bits(bits) and torch.isnan(lo):
             return x
         return fake_quant_tensor(x, bits, scheme, dtype, lo, hi)
 
-    def _fake_quant_activation(self, wrapper: QuantizerModuleWrapper, qtype: str, x: torch.Tensor) -> torch.Tensor:
+    def fake_quant_activation(self, wrapper: QuantizerModuleWrapper, qtype: str, x: torch.Tensor) -> torch.Tensor:
+        """``x`` fake-quantized with the tracked range of ``wrapper``'s ``qtype`` (unchanged while
+        that range is unobserved)."""
         cfg = wrapper.config
-        lo, hi = getattr(wrapper, f"tracked_min_{qtype}"), getattr(wrapper, f"tracked_max_{qtype}")
+        lo, hi = wrapper.tracked_range(qtype)
         if is_integer_bits(cfg.bits[qtype]) and torch.isnan(lo):
             return x
         return fake_quant_tensor(x, cfg.bits[qtype], cfg.scheme[qtype], cfg.dtype[qtype], lo, hi)
@@ -275,49 +291,47 @@ class Quantizer:
 
     # Export ----------------------------------------------------------------------------------
     def calibration_config(self) -> CalibrationConfig:
-        """The calibration config (dict keyed by module name) of the current state, without writing files."""
-        config: CalibrationConfig = {}
+        """The calibration config (the NNI-keyed dict, see :mod:`.calibration`) of the current
+        state, without writing files."""
+        return validate_calibration_config(self.calibration_record().to_dict())
+
+    def calibration_record(self) -> CalibrationRecord:
+        """The calibration of the current state as a typed record (:mod:`.calibration_record`)."""
         with torch.no_grad():
-            for name, wrapper in self.modules_wrapper.items():
-                config[name] = self._layer_calibration(wrapper)
-        return self._complete_calibration(config)
+            layers = {name: self._layer_calibration(wrapper) for name, wrapper in self.modules_wrapper.items()}
+        return self._complete_calibration(CalibrationRecord(layers))
 
-    def _complete_calibration(self, config: CalibrationConfig) -> CalibrationConfig:
-        """Last step of :meth:`calibration_config` (placement-aware quantizers add their tensors)."""
-        return validate_calibration_config(config)
+    def _complete_calibration(self, record: CalibrationRecord) -> CalibrationRecord:
+        """Last step of :meth:`calibration_record` (placement-aware quantizers add their tensors)."""
+        return record
 
-    def _layer_calibration(self, wrapper: QuantizerModuleWrapper) -> Dict[str, Any]:
+    def _layer_calibration(self, wrapper: QuantizerModuleWrapper) -> LayerCalibration:
         cfg = wrapper.config
-        entry: Dict[str, Any] = {"type": cfg.module_type}
+        weight = None
         if "weight" in cfg.quant_types:
-            bits = cfg.bits["weight"]
-            entry["weight_bits"] = bits
+            bits, scheme, dtype = cfg.bits["weight"], Scheme(cfg.scheme["weight"]), cfg.dtype["weight"]
+            weight = QuantParams(bits)
             if is_integer_bits(bits):
-                scheme, axis = cfg.scheme["weight"], weight_axis(wrapper.module)
-                weight = wrapper.effective_weight()
-                lo, hi = self.weight_range(wrapper, weight)
-                scale, zp = qparams_from_range(lo, hi, bits, scheme, cfg.dtype["weight"])
-                entry.update(weight_scale=[float(s) for s in scale.reshape(-1)],
-                             weight_zero_point=[int(z) for z in zp.reshape(-1)],
-                             weight_scheme=scheme, weight_dtype=cfg.dtype["weight"],
-                             weight_axis=axis if is_per_channel(scheme) else None,
-                             folded_bn=wrapper.bn_name)
-            if cfg.dynamic:
-                entry["quant_dynamic"] = True
+                lo, hi = self.weight_range(wrapper, wrapper.effective_weight())
+                scale, zp = qparams_from_range(lo, hi, bits, scheme, dtype)
+                weight = QuantParams(bits, scheme, dtype, scale=[float(s) for s in scale.reshape(-1)],
+                                     zero_point=[int(z) for z in zp.reshape(-1)],
+                                     axis=weight_axis(wrapper.module) if scheme.per_channel else None)
+        activations = {}
         for qtype in ("input", "output"):
             if qtype not in wrapper.simulated_types:
                 continue
             bits = cfg.bits[qtype]
-            entry[f"{qtype}_bits"] = bits
-            lo, hi = getattr(wrapper, f"tracked_min_{qtype}"), getattr(wrapper, f"tracked_max_{qtype}")
-            if torch.isnan(lo):
-                if is_integer_bits(bits):
-                    raise RuntimeError(f"layer {wrapper.name!r}: no {qtype} range was observed; run forward passes "
-                                       "(training for QAT, calibration data for PTQ) before exporting")
-                continue
-            entry.update({f"tracked_min_{qtype}": float(lo), f"tracked_max_{qtype}": float(hi),
-                          f"{qtype}_scheme": cfg.scheme[qtype], f"{qtype}_dtype": cfg.dtype[qtype]})
-        return entry
+            lo, hi = wrapper.tracked_range(qtype)
+            if not torch.isnan(lo):
+                activations[qtype] = QuantParams(bits, cfg.scheme[qtype], cfg.dtype[qtype], float(lo), float(hi))
+            elif is_integer_bits(bits):
+                raise RuntimeError(f"layer {wrapper.name!r}: no {qtype} range was observed; run forward passes "
+                                   "(training for QAT, calibration data for PTQ) before exporting")
+            else:
+                activations[qtype] = QuantParams(bits)
+        return LayerCalibration(cfg.module_type, weight, folded_bn=wrapper.bn_name, quant_dynamic=cfg.dynamic,
+                                **activations)
 
     def export_model(self, model_path: Optional[str], calibration_path: Optional[str] = None,
                      onnx_path: Optional[str] = None, input_shape: Optional[Sequence[int]] = None,
@@ -333,7 +347,8 @@ class Quantizer:
             raise ValueError("onnx_path needs input_shape, e.g. input_shape=(1, 1, 28, 28)")
         calibration = self.calibration_config()
         if not self.distributed:
-            self._write_export(calibration, model_path, calibration_path, onnx_path, input_shape, device)
+            write_export(unwrapped_copy(self.bound_model), calibration, model_path, calibration_path, onnx_path, input_shape,
+                         device or model_device(self.bound_model))
             return calibration
         check_same_on_all_ranks(digest(calibration), "calibration before export",
                                 "the ranges were not synchronised: build the quantizer after init_process_group "
@@ -341,49 +356,11 @@ class Quantizer:
         error = None
         if rank() == 0:
             try:
-                self._write_export(calibration, model_path, calibration_path, onnx_path, input_shape, device)
+                write_export(unwrapped_copy(self.bound_model), calibration, model_path, calibration_path, onnx_path, input_shape,
+                         device or model_device(self.bound_model))
             except Exception as exc:  # reported to the other ranks, then raised here
                 error = f"{type(exc).__name__}: {exc}"
                 broadcast_outcome(error, "writing the export")
                 raise
         broadcast_outcome(error, "writing the export")
         return calibration
-
-    def _write_export(self, calibration: CalibrationConfig, model_path: Optional[str], calibration_path: Optional[str],
-                      onnx_path: Optional[str], input_shape: Optional[Sequence[int]],
-                      device: Optional[torch.device]) -> None:
-        float_model = unwrapped_copy(self.bound_model)
-        if model_path is not None:
-            _atomic_torch_save(float_model.state_dict(), model_path)
-            logger.info("float weights saved to %s", model_path)
-        if calibration_path is not None:
-            save_calibration_config(calibration, calibration_path)
-            logger.info("calibration config saved to %s", calibration_path)
-        if onnx_path is not None:
-            device = device or next(self.bound_model.parameters()).device
-            export_fp32_onnx(float_model, torch.randn(*input_shape, device=device), onnx_path)
-            logger.info("fp32 ONNX saved to %s", onnx_path)
-
-
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, buffer.getvalue())
-
-
-def export_fp32_onnx(model: nn.Module, dummy_input: torch.Tensor, path: str) -> None:
-    """Plain fp32 ONNX (TorchScript exporter, dynamic batch axis), written atomically."""
-    was_training = model.training
-    model.eval()
-    buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.onnx.export(model, (dummy_input,), buffer, input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, dynamo=False)
-    finally:
-        model.train(was_training)
-    for w in caught:  # the exporter's notices are noise; a TracerWarning says the graph may be wrong
-        if issubclass(w.category, torch.jit.TracerWarning):
-            logger.warning("exporting %s: %s (%s:%d)", path, w.message, w.filename, w.lineno)
-    atomic_write(path, buffer.getvalue())

@@ -2,26 +2,34 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call
 
 from .call_points import strip_hooks
+from .calibration import layer_key
 from .config import LayerQuantConfig
-from .layers import bn_factor
-from .point_ranges import remove_point_buffers
+from .fake_quant import is_per_channel
+from .layers import bn_factor, weight_axis
+from .point_state import remove_point_buffers
 from .observers import NonFiniteTensorError
-
 
 
 class QuantizerModuleWrapper(nn.Module):
     """Wraps ``module`` (kept as ``.module``, parameters untouched) and asks its quantizer to
     fake-quantize the input, weight and output that ``config`` selects.
 
-    Activation ranges live in buffers ``tracked_min_input`` etc. (NaN until observed), so they
+    Activation ranges live in buffers ``tracked_min_input`` etc. (NaN until observed), and the
+    quantizer's observers of this layer are submodules (``observers['input']``...), so they
     follow the model across devices and state dicts.
+
+    Two switches, as in ``torch.ao.quantization.FakeQuantize``: :meth:`enable_observer` (the
+    quantizer updates this layer's ranges) and :meth:`enable_fake_quant` (the layer runs
+    quantized; off, it runs as the float module). They are buffers ``observer_enabled`` /
+    ``fake_quant_enabled`` (round-tripping through ``state_dict``) mirrored in the plain bools
+    :attr:`observing` / :attr:`fake_quantizing` that the forward reads.
     """
 
     is_mixq_wrapper = True  # the class marker mixq.compressor.wrapped.is_wrapper reads
@@ -40,10 +48,60 @@ class QuantizerModuleWrapper(nn.Module):
         # the quant types this wrapper fake-quantizes itself; a placement-aware quantizer keeps
         # only 'weight' here and quantizes activations where the backend places them
         self.simulated_types: List[str] = list(config.quant_types)
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
         for qtype in ("input", "output"):
             if qtype in config.quant_types:
-                self.register_buffer(f"tracked_min_{qtype}", torch.tensor(float("nan")))
-                self.register_buffer(f"tracked_max_{qtype}", torch.tensor(float("nan")))
+                for field in ("tracked_min", "tracked_max"):
+                    self.register_buffer(layer_key(qtype, field), torch.tensor(float("nan"), device=device))
+        self.observers = nn.ModuleDict()
+        self.register_buffer("observer_enabled", torch.tensor(True, device=device))
+        self.register_buffer("fake_quant_enabled", torch.tensor(True, device=device))
+        self.observing = True
+        self.fake_quantizing = True
+
+    def enable_observer(self, enabled: bool = True) -> None:
+        """Let the quantizer update this layer's ranges (``False``: freeze them)."""
+        self.observing = bool(enabled)
+        self.observer_enabled.fill_(self.observing)
+
+    def disable_observer(self) -> None:
+        """Freeze this layer's ranges."""
+        self.enable_observer(False)
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        """Run this layer quantized (``False``: as the float module)."""
+        self.fake_quantizing = bool(enabled)
+        self.fake_quant_enabled.fill_(self.fake_quantizing)
+
+    def disable_fake_quant(self) -> None:
+        """Run this layer as the float module."""
+        self.enable_fake_quant(False)
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self.observing = bool(self.observer_enabled)
+        self.fake_quantizing = bool(self.fake_quant_enabled)
+
+    def add_weight_range(self) -> None:
+        """Buffers ``tracked_min_weight`` / ``tracked_max_weight`` (NaN until set) for a quantizer
+        that fixes the weight range by calibration instead of taking the weight's min/max."""
+        w = self.module.weight
+        per_channel = is_per_channel(self.config.scheme["weight"])
+        shape = (w.shape[weight_axis(self.module)],) if per_channel else ()
+        for field in ("tracked_min", "tracked_max"):
+            self.register_buffer(layer_key("weight", field), torch.full(shape, float("nan"), device=w.device))
+
+    def tracked_range(self, qtype: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The ``(min, max)`` buffers of ``qtype`` ('input', 'output'; 'weight' after
+        :meth:`add_weight_range`), assignable in place (``copy_``)."""
+        return self._buffers[layer_key(qtype, "tracked_min")], self._buffers[layer_key(qtype, "tracked_max")]
+
+    @property
+    def weight_range_buffers(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The weight's :meth:`tracked_range` after :meth:`add_weight_range`, else None."""
+        if layer_key("weight", "tracked_min") not in self._buffers:
+            return None
+        return self.tracked_range("weight")
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapper lacks are the wrapped module's (``layer.weight``, ``layer.in_features``)."""
@@ -91,24 +149,31 @@ class QuantizerModuleWrapper(nn.Module):
                 if len(args) != 1 or kwargs or not torch.is_tensor(args[0]):
                     raise TypeError(f"layer {self.name!r} ({self.config.module_type}) is configured for input "
                                     "quantization, which needs exactly one tensor input; drop 'input' from its quant_types")
-                args = (q.quantize_input(self, args[0]),)
-            if self.config.dynamic and args and torch.is_tensor(args[0]):
+                args = (self._activation(q, "input", args[0]),)
+            if self.config.dynamic and self.fake_quantizing and args and torch.is_tensor(args[0]):
                 args = (q.quantize_dynamic_input(self, args[0]),) + tuple(args[1:])
             out = self._forward_weight(q, args, kwargs) if "weight" in types else self.module(*args, **kwargs)
             if "output" in types:
                 if not torch.is_tensor(out):
                     raise TypeError(f"layer {self.name!r} ({self.config.module_type}) is configured for output "
                                     "quantization, which needs one tensor output; drop 'output' from its quant_types")
-                out = q.quantize_output(self, out)
+                out = self._activation(q, "output", out)
         except NonFiniteTensorError as exc:
             raise NonFiniteTensorError(f"layer {self.name!r}: {exc}") from None
         return out
 
+    def _activation(self, q: Any, qtype: str, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            q.observe_activation(self, qtype, x)
+        if not self.fake_quantizing:
+            return x
+        return q.quantize_input(self, x) if qtype == "input" else q.quantize_output(self, x)
+
     def _forward_weight(self, q: Any, args: tuple, kwargs: dict) -> torch.Tensor:
         weight = self.effective_weight()
-        qweight = q.quantize_weight(self, weight)
+        qweight = q.quantize_weight(self, weight) if self.fake_quantizing else weight
         attached = self.__dict__["bn"]
-        scales = q.bias_scales(self, weight) if self.bias_point is not None else None
+        scales = q.bias_scales(self, weight) if self.bias_point is not None and self.fake_quantizing else None
         if attached is None and scales is None:
             return functional_call(self.module, {"weight": qweight}, args, kwargs)
         params = {"weight": qweight}

@@ -7,10 +7,11 @@ import torch
 import torch.nn as nn
 from schema import And, Or
 
-from ..compressor.calibration import CalibrationConfig
+from ..compressor.calibration_record import CalibrationRecord
 from ..compressor.config import QUANT_TYPES, ConfigListSpec
 from ..compressor.observers import OBSERVERS, Observer, make_observer
 from ..compressor.layers import weight_axis
+from ..compressor.model_io import model_device
 from ..compressor.quantizer import Quantizer
 from ..compressor.fake_quant import is_per_channel
 from ..compressor.wrapper import QuantizerModuleWrapper
@@ -22,8 +23,12 @@ DEFAULT_OBSERVER = "minmax"
 
 
 class ObserverQuantizer(PlacementMixin, Quantizer):
-    """PTQ: wrap, run calibration forwards (eval mode; layers run in float and are observed),
-    ``compress()`` (ranges are computed and fake quantization switches on), ``export_model``.
+    """PTQ: wrap, run calibration forwards (eval mode; the observers are on and fake quantization
+    off, so the layers run in float and are observed), ``compress()`` (ranges are computed, the
+    observers switch off and fake quantization on), ``export_model``. The observers are modules:
+    a layer's are submodules of its wrapper (``conv1.observers.weight``), in the model's
+    ``state_dict``; those of the tensors the backend places are in :attr:`point_observers`, and
+    their ranges, after ``compress()``, in the model's ``state_dict``.
 
     The observer is chosen per entry with ``'observer'``: a name (``'minmax'``,
     ``'moving_average'``, ``'percentile'``, ``'mse'``), a dict ``{'name': ..., **options}``, or a
@@ -45,17 +50,19 @@ class ObserverQuantizer(PlacementMixin, Quantizer):
                  backend: Optional[str] = DEFAULT_BACKEND, **kwargs: Any) -> None:
         resolve_placement_backend(backend)  # a bad backend is refused before the model is wrapped
         super().__init__(model, config_list, dummy_input=dummy_input, **kwargs)
-        self.compressed = False
-        self.observers: Dict[str, Dict[str, Observer]] = {}
         self.point_observers: Dict[str, Observer] = {}
-        self._weight_ranges: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, wrapper in self.modules_wrapper.items():
-            self.observers[name] = {}
-            for qtype in wrapper.config.quant_types:
-                axis = weight_axis(wrapper.module) if qtype == "weight" and is_per_channel(
-                    wrapper.config.scheme["weight"]) else None
-                self.observers[name][qtype] = make_observer(self._observer_choice(name, qtype), axis)
         self._init_placement(backend, dummy_input)
+        for name, wrapper in self.modules_wrapper.items():
+            for qtype in wrapper.config.quant_types:
+                if qtype == "weight" or qtype in wrapper.simulated_types:
+                    axis = weight_axis(wrapper.module) if qtype == "weight" and is_per_channel(
+                        wrapper.config.scheme["weight"]) else None
+                    wrapper.observers[qtype] = make_observer(self._observer_choice(name, qtype), axis).to(
+                        model_device(wrapper.module))
+            if "weight" in wrapper.config.quant_types:
+                wrapper.add_weight_range()
+            wrapper.disable_fake_quant()  # calibration forwards run in float
+        self._hide_state_from_ddp()
 
     def _observer_choice(self, layer: Optional[str], qtype: Optional[str]) -> Any:
         if layer is None or layer not in self.layer_configs:
@@ -63,46 +70,33 @@ class ObserverQuantizer(PlacementMixin, Quantizer):
         spec = self.layer_configs[layer].extra.get("observer", DEFAULT_OBSERVER)
         return spec.get(qtype, DEFAULT_OBSERVER) if isinstance(spec, dict) and "name" not in spec else spec
 
+    @property
+    def compressed(self) -> bool:
+        """Whether :meth:`compress` has turned the observations into ranges (no observer is on)."""
+        states = self._switch_states()
+        return bool(states) and not any(observing for observing, _ in states)
+
+    def _initial_point_switches(self, key: str) -> Tuple[bool, bool]:
+        return True, False  # observe during calibration, quantize after compress()
+
     def _on_points_placed(self) -> None:
-        self.point_observers = {key: make_observer(self._observer_choice(spec.layer, spec.kind), None)
+        device = model_device(self.bound_model)
+        self.point_observers = {key: make_observer(self._observer_choice(spec.layer, spec.kind), None).to(device)
                                 for key, spec in self.point_plan.points.items()}
 
-    def quantize_point(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        if not self.compressed:
-            self.point_observers[key].update(x)
-            return x
-        return self._fake_quant_point(key, x)
+    def observe_point(self, key: str, x: torch.Tensor) -> None:
+        self.point_observers[key].update(x)
 
     @classmethod
     def config_spec(cls) -> ConfigListSpec:
         per_type = Or(_observer_spec, {Or(*QUANT_TYPES): _observer_spec})
         return ConfigListSpec(extra_keys={"observer": per_type}, quantizer=cls.__name__)
 
-    def quantize_input(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
-        return self._activation(wrapper, "input", x)
-
-    def quantize_output(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
-        return self._activation(wrapper, "output", x)
-
-    def _activation(self, wrapper: QuantizerModuleWrapper, qtype: str, x: torch.Tensor) -> torch.Tensor:
-        if not self.compressed:
-            self.observers[wrapper.name][qtype].update(x)
-            return x
-        return self._fake_quant_activation(wrapper, qtype, x)
-
-    def quantize_weight(self, wrapper: QuantizerModuleWrapper, weight: torch.Tensor) -> torch.Tensor:
-        if not self.compressed:
-            return weight
-        return super().quantize_weight(wrapper, weight)
-
-    def weights_active(self, wrapper: QuantizerModuleWrapper) -> bool:
-        return self.compressed
-
-    def weight_range(self, wrapper: QuantizerModuleWrapper, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self._weight_ranges[wrapper.name]
+    def observe_activation(self, wrapper: QuantizerModuleWrapper, qtype: str, x: torch.Tensor) -> None:
+        wrapper.observers[qtype].update(x)
 
     def compress(self) -> nn.Module:
-        """Turn the observations into ranges and switch fake quantization on."""
+        """Turn the observations into ranges, switch the observers off and fake quantization on."""
         if self.backend is not None:
             self._require_placement()
         with torch.no_grad():
@@ -110,27 +104,23 @@ class ObserverQuantizer(PlacementMixin, Quantizer):
                 self._merge_observers()
             for key, observer in self.point_observers.items():
                 bits, scheme, dtype = self.point_grids[key]
-                if observer.min_val is None:
+                if not observer.has_data:
                     raise RuntimeError(f"tensor {key!r} saw no data during calibration: run calibration forwards "
                                        "through the wrapped model before compress()")
                 self.point_ranges[key] = observer.compute_range(bits, scheme, dtype)
             for name, wrapper in self.modules_wrapper.items():
                 cfg = wrapper.config
-                for qtype, observer in self.observers[name].items():
+                for qtype, observer in wrapper.observers.items():
                     if qtype == "weight":
                         observer.update(wrapper.effective_weight())
-                    elif qtype not in wrapper.simulated_types:
-                        continue
-                    elif observer.min_val is None:
+                    elif not observer.has_data:
                         raise RuntimeError(f"layer {name!r} saw no {qtype} during calibration: run calibration "
                                            "forwards through the wrapped model before compress()")
-                    lo, hi = observer.compute_range(cfg.bits[qtype], cfg.scheme[qtype], cfg.dtype[qtype])
-                    if qtype == "weight":
-                        self._weight_ranges[name] = (lo, hi)
-                    else:
-                        getattr(wrapper, f"tracked_min_{qtype}").copy_(lo)
-                        getattr(wrapper, f"tracked_max_{qtype}").copy_(hi)
-        self.compressed = True
+                    for buffer, value in zip(wrapper.tracked_range(qtype),
+                                             observer.compute_range(cfg.bits[qtype], cfg.scheme[qtype], cfg.dtype[qtype])):
+                        buffer.copy_(value)
+        self.disable_observer()
+        self.enable_fake_quant()
         return self.bound_model
 
     def _merge_observers(self) -> None:
@@ -138,12 +128,12 @@ class ObserverQuantizer(PlacementMixin, Quantizer):
         order on every rank: placement order, then layers)."""
         for observer in self.point_observers.values():
             observer.merge_across_ranks()
-        for name, wrapper in self.modules_wrapper.items():
-            for qtype, observer in self.observers[name].items():
-                if qtype in wrapper.simulated_types and qtype != "weight":
+        for wrapper in self.modules_wrapper.values():
+            for qtype, observer in wrapper.observers.items():
+                if qtype != "weight":
                     observer.merge_across_ranks()
 
-    def calibration_config(self) -> CalibrationConfig:
+    def calibration_record(self) -> CalibrationRecord:
         if not self.compressed:
             raise RuntimeError("ObserverQuantizer: call compress() after the calibration forwards, then export")
-        return super().calibration_config()
+        return super().calibration_record()

@@ -16,8 +16,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..compressor.calibration import PLACEMENT_KEY, TENSORS_KEY, CalibrationConfig, validate_calibration_config
-from ..compressor.config import QUANT_TYPES, is_matmul_site
+from ..compressor.calibration_record import CalibrationRecord, LayerCalibration, QuantParams
+from ..compressor.config import is_matmul_site
 from ..compressor.fake_quant import is_integer_bits
 from ..compressor.model_io import ModelInputs
 from ..compressor.observers import NonFiniteTensorError
@@ -144,53 +144,36 @@ class PlacementMixin:
                                "run calibration/training forwards (or pass dummy_input=) before exporting")
         return self.point_plan
 
-    def _point_entry(self: Quantizer, key: str) -> Optional[Dict[str, Any]]:
+    def _point_params(self: Quantizer, key: str) -> Optional[QuantParams]:
+        """The grid and tracked range of point ``key``; None while an integer range is unobserved."""
         bits, scheme, dtype = self.point_grids[key]
         lo, hi = self.point_ranges[key]
         if is_integer_bits(bits) and (math.isnan(float(lo)) or math.isnan(float(hi))):
             return None
-        entry = {"bits": bits, "scheme": scheme, "dtype": dtype, "tracked_min": float(lo), "tracked_max": float(hi)}
-        tensor = self.point_plan.point_tensors.get(key) if self.point_plan is not None else None
-        if tensor is not None:  # a hint for the engine: the graph tensor it is (same exporter, same model)
-            entry["tensor"] = tensor
-        return entry
+        return QuantParams(bits, scheme, dtype, float(lo), float(hi))
 
-    def _complete_calibration(self: Quantizer, config: CalibrationConfig) -> CalibrationConfig:
-        """``config`` (per-layer entries) completed with the placed tensors' ranges and the
-        layers' activation ranges taken from the tensors that serve them."""
+    def _complete_calibration(self: Quantizer, record: CalibrationRecord) -> CalibrationRecord:
+        """``record`` (the layers) completed with the placed tensors' ranges; each layer's activation
+        params are those of the tensors that serve it (a layer none serves drops that type)."""
         if self.backend is None:
-            return validate_calibration_config(config)
+            return record
         plan = self._require_placement()
         tensors = {}
         for key in plan.points:
-            entry = self._point_entry(key)
-            if entry is None:
+            params = self._point_params(key)
+            if params is None:
                 raise RuntimeError(f"tensor {key!r} ({plan.points[key].why}) saw no data: run calibration forwards "
                                    "(training for QAT) through the model before exporting")
-            tensors[key] = entry
-        for name, entry in config.items():
-            for qtype in ("input", "output"):
-                for suffix in ("bits", "scheme", "dtype"):
-                    entry.pop(f"{qtype}_{suffix}", None)
-                entry.pop(f"tracked_min_{qtype}", None)
-                entry.pop(f"tracked_max_{qtype}", None)
-                key = plan.serves.get(name, {}).get(qtype)
-                if key is None or key not in tensors:
-                    continue
-                t = tensors[key]
-                entry.update({f"{qtype}_bits": t["bits"], f"tracked_min_{qtype}": t["tracked_min"],
-                              f"tracked_max_{qtype}": t["tracked_max"], f"{qtype}_scheme": t["scheme"],
-                              f"{qtype}_dtype": t["dtype"]})
+            tensors[key] = params
+        layers = {name: layer.replace(**{q: tensors.get(plan.serves.get(name, {}).get(q)) for q in ("input", "output")})
+                  for name, layer in record.layers.items()}
         for name, cfg in self.layer_configs.items():
             key = plan.serves.get(name, {}).get("input")
             if is_matmul_site(name) and key in tensors:
-                t = tensors[key]
-                config[name] = {"type": cfg.module_type, "input_bits": t["bits"], "tracked_min_input": t["tracked_min"],
-                                "tracked_max_input": t["tracked_max"], "input_scheme": t["scheme"],
-                                "input_dtype": t["dtype"]}
-        kept = {n: e for n, e in config.items() if any(f"{q}_bits" in e for q in QUANT_TYPES)}
-        for name in set(config) - set(kept):
+                layers[name] = LayerCalibration(cfg.module_type, input=tensors[key])
+        kept = {n: layer for n, layer in layers.items() if layer.quant_types}
+        for name in set(layers) - set(kept):
             logger.warning("layer %s: %s", name, plan.notes.get(name, "none of its quantization could be placed"))
-        kept[TENSORS_KEY] = tensors
-        kept[PLACEMENT_KEY] = {"backend": self.backend}
-        return validate_calibration_config(kept)
+        # a hint for the engine: the graph tensor each point is (same exporter, same model)
+        names = {key: plan.point_tensors[key] for key in tensors if plan.point_tensors.get(key) is not None}
+        return CalibrationRecord(kept, tensors, names, self.backend)

@@ -38,9 +38,14 @@ class QAT_Quantizer(PlacementMixin, Quantizer):
     (eval-mode forwards stay local). Training forwards are therefore collective, as DDP's
     backward is. Weights need nothing: DDP keeps them identical.
 
+    Each wrapped layer and placed tensor has two switches (:meth:`enable_observer`,
+    :meth:`enable_fake_quant`; per layer on the wrapper): the observer is on from the start (ranges
+    are tracked in training mode), fake quantization switches on when the step count reaches the
+    layer's ``quant_start_step``.
+
     The step counter and each layer's ``quant_start_step`` are buffers of the wrapped layers
-    (``qat_steps``, ``quant_start_step``): with the tracked ranges they make the model's
-    ``state_dict`` a complete QAT checkpoint, resumable on any number of ranks.
+    (``qat_steps``, ``quant_start_step``): with the tracked ranges and the switches they make the
+    model's ``state_dict`` a complete QAT checkpoint, resumable on any number of ranks.
     """
 
     def __init__(self, model: nn.Module, config_list: List[Dict[str, Any]],
@@ -74,9 +79,18 @@ class QAT_Quantizer(PlacementMixin, Quantizer):
 
     @steps.setter
     def steps(self, value: int) -> None:
-        self._steps = value
+        """Count ``value`` steps; a layer or tensor whose ``quant_start_step`` is crossed switches its
+        fake quantization on (or off, counting back)."""
+        old, self._steps = self._steps, value
         for wrapper in self.modules_wrapper.values():
             wrapper.qat_steps.fill_(value)
+            start = wrapper.config.quant_start_step
+            if (old >= start) != (value >= start):
+                wrapper.enable_fake_quant(value >= start)
+        for key in self.point_ranges.keys():
+            start = self._point_start(key)
+            if (old >= start) != (value >= start):
+                self.point_ranges.set_switches(key, fake_quant=value >= start)
 
     def _register_state(self) -> None:
         """The step counter and ``quant_start_step`` as buffers of every wrapped layer."""
@@ -99,6 +113,7 @@ class QAT_Quantizer(PlacementMixin, Quantizer):
             wrapper.register_buffer("quant_start_step", torch.tensor(wrapper.config.quant_start_step,
                                                                      dtype=torch.long, device=device))
             wrapper.register_load_state_dict_post_hook(restore)
+            wrapper.enable_fake_quant(self.steps >= wrapper.config.quant_start_step)
         self._hide_state_from_ddp()
 
     def _batch_range(self, x: torch.Tensor, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -128,21 +143,12 @@ class QAT_Quantizer(PlacementMixin, Quantizer):
             self._step_handle = model.register_forward_hook(count_forward)
         self._init_placement(backend, dummy_input)
 
-    def _active(self, wrapper: QuantizerModuleWrapper) -> bool:
-        return self.steps >= wrapper.config.quant_start_step
-
-    def weights_active(self, wrapper: QuantizerModuleWrapper) -> bool:
-        return self._active(wrapper)
-
-    def quantize_weight(self, wrapper: QuantizerModuleWrapper, weight: torch.Tensor) -> torch.Tensor:
-        if not self._active(wrapper):
-            return weight
-        return super().quantize_weight(wrapper, weight)
-
-    def _track(self, wrapper: QuantizerModuleWrapper, qtype: str, x: torch.Tensor) -> None:
+    def observe_activation(self, wrapper: QuantizerModuleWrapper, qtype: str, x: torch.Tensor) -> None:
+        """Training-mode forwards update the EMA of the batch min/max."""
+        if not wrapper.training:
+            return
         lo, hi = self._batch_range(x, f"layer {wrapper.name!r} {qtype}")
-        tracked_min = getattr(wrapper, f"tracked_min_{qtype}")
-        tracked_max = getattr(wrapper, f"tracked_max_{qtype}")
+        tracked_min, tracked_max = wrapper.tracked_range(qtype)
         if torch.isnan(tracked_min):
             tracked_min.copy_(lo)
             tracked_max.copy_(hi)
@@ -150,34 +156,23 @@ class QAT_Quantizer(PlacementMixin, Quantizer):
             tracked_min.mul_(self.ema_decay).add_((1 - self.ema_decay) * lo)
             tracked_max.mul_(self.ema_decay).add_((1 - self.ema_decay) * hi)
 
-    def _activation(self, wrapper: QuantizerModuleWrapper, qtype: str, x: torch.Tensor) -> torch.Tensor:
-        if wrapper.training:
-            self._track(wrapper, qtype, x)
-        if not self._active(wrapper):
-            return x
-        return self._fake_quant_activation(wrapper, qtype, x)
-
     def _point_start(self, key: str) -> int:
         spec = self.point_plan.points.get(key)
         if spec is not None and spec.layer in self.layer_configs:
             return self.layer_configs[spec.layer].quant_start_step
         return min(cfg.quant_start_step for cfg in self.layer_configs.values())
 
-    def quantize_point(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        if self.bound_model.training:
-            lo, hi = self._batch_range(x, f"tensor {key!r}")
-            old_lo, old_hi = self.point_ranges[key]
-            if torch.isnan(old_lo):
-                self.point_ranges[key] = (lo, hi)
-            else:
-                d = self.ema_decay
-                self.point_ranges[key] = (old_lo * d + (1 - d) * lo, old_hi * d + (1 - d) * hi)
-        if self.steps < self._point_start(key):
-            return x
-        return self._fake_quant_point(key, x)
+    def _initial_point_switches(self, key: str) -> Tuple[bool, bool]:
+        return True, self.steps >= self._point_start(key)
 
-    def quantize_input(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
-        return self._activation(wrapper, "input", x)
-
-    def quantize_output(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
-        return self._activation(wrapper, "output", x)
+    def observe_point(self, key: str, x: torch.Tensor) -> None:
+        """Training-mode forwards update the EMA of the batch min/max."""
+        if not self.bound_model.training:
+            return
+        lo, hi = self._batch_range(x, f"tensor {key!r}")
+        old_lo, old_hi = self.point_ranges[key]
+        if torch.isnan(old_lo):
+            self.point_ranges[key] = (lo, hi)
+        else:
+            d = self.ema_decay
+            self.point_ranges[key] = (old_lo * d + (1 - d) * lo, old_hi * d + (1 - d) * hi)

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..compressor.calibration import CalibrationConfig
+from ..compressor.calibration_record import CalibrationRecord
 from ..compressor.config import ConfigError, ConfigListSpec
 from ..compressor.fake_quant import is_integer_bits, is_per_channel, is_symmetric, qparams_from_range, quant_range
 from ..compressor.model_io import model_device
@@ -115,13 +115,16 @@ class ReconstructionQuantizer(Quantizer):
         self.weight_lr = weight_lr if weight_lr is not None else max(1e-3, 4.0 / max(iterations, 1))
         self.range_lr, self.round_weight, self.warmup = range_lr, round_weight, warmup
         self.progress, self.seed = progress, seed
-        self.compressed = False
         self.active_level = "high"
         self.rounding_values: Dict[str, torch.Tensor] = {}
-        self._phase = "setup"  # setup -> observe -> reconstruct -> done
+        # the layers run in float until compress(): observed while calibrating, quantized from then on
+        self.disable_observer()
+        self.disable_fake_quant()
         self._level: Optional[int] = 0
         self._drop = 0.0
-        self._weight_ranges: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        for wrapper in self.modules_wrapper.values():
+            if "weight" in wrapper.config.quant_types and is_integer_bits(wrapper.config.bits["weight"]):
+                wrapper.add_weight_range()
         self._adarounds: Dict[str, AdaRound] = {}
         self._training: Dict[Tuple[str, str], MultiBitActivation] = {}
         self.activations = self._make_activation_quantizers()
@@ -132,6 +135,11 @@ class ReconstructionQuantizer(Quantizer):
     @classmethod
     def config_spec(cls) -> ConfigListSpec:
         return ConfigListSpec(quantizer=cls.__name__)
+
+    @property
+    def compressed(self) -> bool:
+        """Whether :meth:`compress` has run (the layers are fake-quantized)."""
+        return any(fake_quant for _, fake_quant in self._switch_states())
 
     def _make_activation_quantizers(self) -> Dict[Tuple[str, str], MultiBitActivation]:
         acts = {}
@@ -152,35 +160,21 @@ class ReconstructionQuantizer(Quantizer):
 
     # Hooks called by the wrappers ------------------------------------------------------------
     def quantize_weight(self, wrapper: QuantizerModuleWrapper, weight: torch.Tensor) -> torch.Tensor:
-        if self._phase in ("setup", "observe"):
-            return weight
         adaround = self._adarounds.get(wrapper.name)
         if adaround is not None:
             return adaround()
         return super().quantize_weight(wrapper, weight)
 
-    def weight_range(self, wrapper: QuantizerModuleWrapper, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if wrapper.name in self._weight_ranges:
-            return self._weight_ranges[wrapper.name]
-        return super().weight_range(wrapper, weight)
+    def observe_activation(self, wrapper: QuantizerModuleWrapper, qtype: str, x: torch.Tensor) -> None:
+        act = self.activations.get((wrapper.name, qtype))
+        if act is not None:
+            act.observe(x)
 
-    def quantize_input(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
-        return self._activation(wrapper, "input", x)
-
-    def quantize_output(self, wrapper: QuantizerModuleWrapper, x: torch.Tensor) -> torch.Tensor:
-        return self._activation(wrapper, "output", x)
-
-    def _activation(self, wrapper: QuantizerModuleWrapper, qtype: str, x: torch.Tensor) -> torch.Tensor:
-        key = (wrapper.name, qtype)
-        if self._phase == "setup":
-            return x
-        if self._phase == "observe":
-            if key in self.activations:
-                self.activations[key].observe(x)
-            return x
-        if key in self._training:
-            return self._training[key](x, self._level, self._drop)
-        return self._fake_quant_activation(wrapper, qtype, x)
+    def fake_quant_activation(self, wrapper: QuantizerModuleWrapper, qtype: str, x: torch.Tensor) -> torch.Tensor:
+        training = self._training.get((wrapper.name, qtype))
+        if training is not None:  # the unit being reconstructed: learnable ranges, QDrop
+            return training(x, self._level, self._drop)
+        return super().fake_quant_activation(wrapper, qtype, x)
 
     # Run-time bit switching ------------------------------------------------------------------
     def set_activation_bits(self, level: str) -> None:
@@ -202,8 +196,8 @@ class ReconstructionQuantizer(Quantizer):
                 wrapper = self.modules_wrapper[name]
                 bits, lo, hi = act.export_range(level)
                 wrapper.config.bits[qtype] = bits
-                getattr(wrapper, f"tracked_min_{qtype}").copy_(lo)
-                getattr(wrapper, f"tracked_max_{qtype}").copy_(hi)
+                for buffer, value in zip(wrapper.tracked_range(qtype), (lo, hi)):
+                    buffer.copy_(value)
 
     # Compression -----------------------------------------------------------------------------
     def compress(self) -> nn.Module:
@@ -221,23 +215,25 @@ class ReconstructionQuantizer(Quantizer):
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(self.seed)
                 self._calibrate(device)
-                self._phase = "reconstruct"
+                self.enable_fake_quant()
                 for index, unit in enumerate(self.units):
                     self._reconstruct(unit, index, device)
+        except BaseException:
+            self.disable_fake_quant()  # not compressed: a second compress() starts over
+            raise
         finally:
             for param in frozen:
                 param.requires_grad_(True)
             model.train(was_training)
-        self._phase = "done"
-        self.compressed = True
         self._apply_level(len(LEVELS) - 1)
         return model
 
     def _calibrate(self, device: torch.device) -> None:
-        self._phase = "observe"
+        self.enable_observer()
         with torch.no_grad():
             for i in range(0, len(self.calib_data), _CAPTURE_BATCH):
                 self.bound_model(self.calib_data[i:i + _CAPTURE_BATCH].to(device))
+            self.disable_observer()
             for act in self.activations.values():
                 act.init_ranges()
             for name, wrapper in self.modules_wrapper.items():
@@ -246,7 +242,9 @@ class ReconstructionQuantizer(Quantizer):
                     scheme = cfg.scheme["weight"]
                     observer = MSEObserver(axis=weight_axis(wrapper.module) if is_per_channel(scheme) else None)
                     observer.update(wrapper.effective_weight())
-                    self._weight_ranges[name] = observer.compute_range(cfg.bits["weight"], scheme, cfg.dtype["weight"])
+                    for buffer, value in zip(wrapper.weight_range_buffers,
+                                             observer.compute_range(cfg.bits["weight"], scheme, cfg.dtype["weight"])):
+                        buffer.copy_(value)
         self._apply_level(len(LEVELS) - 1)
 
     def _unit_wrappers(self, unit: Unit) -> List[QuantizerModuleWrapper]:
@@ -258,7 +256,7 @@ class ReconstructionQuantizer(Quantizer):
     def _make_adaround(self, wrapper: QuantizerModuleWrapper) -> AdaRound:
         cfg = wrapper.config
         scheme, dtype, bits = cfg.scheme["weight"], cfg.dtype["weight"], cfg.bits["weight"]
-        scale, zero_point = qparams_from_range(*self._weight_ranges[wrapper.name], bits, scheme, dtype)
+        scale, zero_point = qparams_from_range(*wrapper.weight_range_buffers, bits, scheme, dtype)
         qmin, qmax = quant_range(bits, dtype, is_symmetric(scheme))
         axis = weight_axis(wrapper.module) if is_per_channel(scheme) else None
         return AdaRound(wrapper.effective_weight(), scale, zero_point, qmin, qmax, axis)
@@ -272,7 +270,8 @@ class ReconstructionQuantizer(Quantizer):
         inputs = capture(self.bound_model, unit.modules[0], "input", data, _CAPTURE_BATCH)
         targets = capture(self.float_model, unit.modules[-1], "output", data, _CAPTURE_BATCH)
         if self.rounding == "adaround":
-            self._adarounds = {n: self._make_adaround(self.modules_wrapper[n]) for n in names if n in self._weight_ranges}
+            self._adarounds = {n: self._make_adaround(self.modules_wrapper[n]) for n in names
+                               if self.modules_wrapper[n].weight_range_buffers is not None}
         self._training = {k: a for k, a in self.activations.items() if k[0] in names}
         self._optimize(unit, index, inputs, targets)
         for name, adaround in self._adarounds.items():
@@ -335,7 +334,7 @@ class ReconstructionQuantizer(Quantizer):
                 weight = torch.where(factor == 0, wrapper.module.weight, weight / factor)
             wrapper.module.weight.copy_(weight)
 
-    def calibration_config(self) -> CalibrationConfig:
+    def calibration_record(self) -> CalibrationRecord:
         if not self.compressed:
             raise RuntimeError("ReconstructionQuantizer: call compress() before exporting")
-        return super().calibration_config()
+        return super().calibration_record()

@@ -13,15 +13,15 @@ where the model also computes 0 on a test batch, and refused where it does not.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 
 from ..compressor.call_points import CallPoints, input_key, module_key
-from ..compressor.calibration import TENSORS_KEY, CalibrationConfig, CalibrationError, layer_entries
+from ..compressor.calibration import CalibrationConfig, CalibrationError, layer_key
+from ..compressor.calibration_record import CalibrationRecord, LayerCalibration
 from ..compressor.config import WEIGHT_TYPES
-from ..compressor.fake_quant import is_integer_bits, is_per_channel
 from ..compressor.layers import weight_axis
 
 FIX = "export the calibration from this model (quantizer.export_model)"
@@ -36,22 +36,21 @@ def type_names(module: nn.Module) -> set:
     return {cls.__name__ for cls in type(module).__mro__ if cls not in (nn.Module, object)}
 
 
-def check_weight_geometry(name: str, entry: Mapping[str, Any], module: nn.Module) -> None:
+def check_weight_geometry(name: str, layer: LayerCalibration, module: nn.Module) -> None:
     """A weight entry's layer has a weight; per-channel scales run along its output-channel axis,
     one per channel."""
     where = f"calibration entry {name!r}"
     if not isinstance(module, WEIGHT_TYPES) or not hasattr(module, "weight"):
         raise CalibrationMismatchError(f"{where} has weight_bits, but {name!r} is a {type(module).__name__}, which "
                                        f"has no weight to quantize: {FIX}")
-    if not is_integer_bits(entry["weight_bits"]) or "weight_scale" not in entry:
+    params = layer.weight
+    if not params.integer or params.scale is None or not params.scheme.per_channel:
         return
-    if not is_per_channel(entry["weight_scheme"]):
-        return
-    axis, expected = entry.get("weight_axis"), weight_axis(module)
+    axis, expected = params.axis, weight_axis(module)
     if axis != expected:
         raise CalibrationMismatchError(f"{where}: weight_axis = {axis!r}, but the output channels of {name!r} "
                                        f"({type(module).__name__}) are weight axis {expected}: {FIX}")
-    channels, scales = module.weight.shape[axis], len(entry["weight_scale"])
+    channels, scales = module.weight.shape[axis], len(params.scale)
     if scales != channels:
         raise CalibrationMismatchError(f"{where}: {scales} weight_scale values for the {channels} output channels "
                                        f"of {name!r}: {FIX}")
@@ -60,14 +59,15 @@ def check_weight_geometry(name: str, entry: Mapping[str, Any], module: nn.Module
 def _zero_width(config: CalibrationConfig) -> Dict[str, str]:
     """``{point key: the entry and keys}`` of every zero-width integer range of ``config``."""
     found = {}
-    for name, entry in layer_entries(config).items():
+    record = CalibrationRecord.from_dict(config)
+    for name, layer in record.layers.items():
         for qtype, key in (("input", input_key(name, 0, 0)), ("output", module_key(name, 0))):
-            bits = entry.get(f"{qtype}_bits")
-            lo, hi = entry.get(f"tracked_min_{qtype}"), entry.get(f"tracked_max_{qtype}")
-            if bits is not None and is_integer_bits(bits) and lo == hi == 0:
-                found[key] = f"calibration entry {name!r}: tracked_min_{qtype} = tracked_max_{qtype} = 0"
-    for key, t in (config.get(TENSORS_KEY) or {}).items():
-        if t["tracked_min"] == t["tracked_max"] == 0:
+            params = layer.params(qtype)
+            if params is not None and params.integer and params.tracked_min == params.tracked_max == 0:
+                found[key] = (f"calibration entry {name!r}: {layer_key(qtype, 'tracked_min')} = "
+                              f"{layer_key(qtype, 'tracked_max')} = 0")
+    for key, params in (record.tensors or {}).items():
+        if params.tracked_min == params.tracked_max == 0:
             found[key] = f"calibration tensor {key!r}: tracked_min = tracked_max = 0"
     return found
 
@@ -102,16 +102,15 @@ def check_calibration(model: nn.Module, config: CalibrationConfig,
     """Raise :class:`CalibrationMismatchError` naming the layer and the key where a (validated)
     calibration ``config`` does not fit ``model``; ``run`` (one forward of ``model`` on a test
     batch) also checks zero-width ranges."""
-    for name, entry in layer_entries(config).items():
+    for name, layer in CalibrationRecord.from_dict(config).layers.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise CalibrationMismatchError(f"calibration entry {name!r} names no module of the model: {FIX}") from None
-        recorded = entry.get("type")
-        if recorded is not None and recorded not in type_names(module):
-            raise CalibrationMismatchError(f"calibration entry {name!r}: 'type' is {recorded!r}, but {name!r} is a "
+        if layer.type is not None and layer.type not in type_names(module):
+            raise CalibrationMismatchError(f"calibration entry {name!r}: 'type' is {layer.type!r}, but {name!r} is a "
                                            f"{type(module).__name__} in this model: {FIX}")
-        if "weight_bits" in entry:
-            check_weight_geometry(name, entry, module)
+        if layer.weight is not None:
+            check_weight_geometry(name, layer, module)
     if run is not None:
         check_zero_width_ranges(model, config, run)

@@ -16,37 +16,40 @@ import onnx
 import torch
 import torch.nn as nn
 
-from ..compressor.calibration import (PLACEMENT_KEY, TENSORS_KEY, CalibrationConfig, layer_entries,
+from ..compressor.calibration import (PLACEMENT_KEY, TENSORS_KEY, CalibrationConfig, layer_entries, layer_key,
                                      validate_calibration_config)
+from ..compressor.calibration_record import CalibrationRecord
 from ..compressor.config import QUANT_TYPES, WEIGHT_TYPES, is_matmul_site, matmul_scope
 from ..compressor.fake_quant import is_integer_bits
 from ..compressor.model_io import ModelInputs
 from ..messages import close_matches, short_repr
 from ..placement.locate import locate_points
-from .grid import Grid, grid_from_range
+from .grid import Grid, grid_of
 
 logger = logging.getLogger(__name__)
 
 
+# The user's entries are read before they are complete (bit widths without ranges are what is
+# calibrated here), so before they can be validated into records: by their keys.
 def _has_ranges(entry: Dict[str, Any]) -> bool:
     for qtype in QUANT_TYPES:
-        bits = entry.get(f"{qtype}_bits")
+        bits = entry.get(layer_key(qtype, "bits"))
         if bits is None or not is_integer_bits(bits):
             continue
-        needed = ["weight_scale"] if qtype == "weight" else [f"tracked_min_{qtype}", f"tracked_max_{qtype}"]
-        if any(k not in entry for k in needed):
+        needed = ("scale",) if qtype == "weight" else ("tracked_min", "tracked_max")
+        if any(layer_key(qtype, f) not in entry for f in needed):
             return False
     return True
 
 
 def _config_list_entry(name: str, entry: Dict[str, Any]) -> Dict[str, Any]:
-    types = [t for t in QUANT_TYPES if f"{t}_bits" in entry]
+    types = [t for t in QUANT_TYPES if layer_key(t, "bits") in entry]
     item: Dict[str, Any] = {"op_names": [name], "quant_types": types,
-                            "quant_bits": {t: entry[f"{t}_bits"] for t in types}}
-    for key in ("scheme", "dtype"):
-        values = {t: entry[f"{t}_{key}"] for t in types if f"{t}_{key}" in entry}
+                            "quant_bits": {t: entry[layer_key(t, "bits")] for t in types}}
+    for field_ in ("scheme", "dtype"):
+        values = {t: entry[layer_key(t, field_)] for t in types if layer_key(t, field_) in entry}
         if values:
-            item[f"quant_{key}"] = values
+            item[f"quant_{field_}"] = values
     return item
 
 
@@ -159,18 +162,14 @@ def locate_grids(model: nn.Module, fp32_model: onnx.ModelProto, calls: Any, conf
                  ) -> Tuple[Optional[Dict[str, Grid]], Optional[Dict[Tuple[str, str], Grid]]]:
     """Grids of a placed calibration's tensors, located in ``fp32_model`` (the engine's export of
     ``model``): by tensor, and by (tensor, reader) for a layer's own input; None without placement."""
-    tensors = config.get(TENSORS_KEY)
-    if tensors is None:
+    record = CalibrationRecord.from_dict(config)
+    if record.tensors is None:
         return None, None
-    located = locate_points(fp32_model, calls, model, example, tensors, export,
-                            {k: v["tensor"] for k, v in tensors.items() if "tensor" in v})
+    tensors = record.tensors
+    located = locate_points(fp32_model, calls, model, example, tensors, export, record.tensor_names)
     for key in located.missing:
         logger.warning("calibration tensor %s has no counterpart in this model's graph; it is not quantized "
                        "(calibrate this model again)", key)
-    points = {t: _grid(tensors[k]) for k, t in located.tensors.items()}
-    edges = {edge: _grid(tensors[k]) for k, es in located.edges.items() for edge in es}
+    points = {t: grid_of(tensors[k]) for k, t in located.tensors.items()}
+    edges = {edge: grid_of(tensors[k]) for k, es in located.edges.items() for edge in es}
     return points, edges
-
-
-def _grid(entry: Dict[str, Any]) -> Grid:
-    return grid_from_range(entry["tracked_min"], entry["tracked_max"], entry["bits"], entry["scheme"], entry["dtype"])

@@ -7,6 +7,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..compressor.calibration_record import QuantParams
 from ..compressor.fake_quant import FP16_BITS, is_integer_bits, is_symmetric, qparams_from_range, quant_range
 
 
@@ -63,3 +64,10 @@ def grid_from_range(min_val: float, max_val: float, bits: int, scheme: str, dtyp
     qmin, qmax = quant_range(bits, dtype, is_symmetric(scheme))
     zp = int(zero_point)
     return Grid(float(np.float32(float(scale))), qmin - zp, qmax - zp)
+
+
+def grid_of(params: Optional[QuantParams]) -> Optional[Grid]:
+    """The grid of an integer tensor type with a tracked range; None for anything else."""
+    if params is None or not params.integer or not params.has_range:
+        return None
+    return grid_from_range(params.tracked_min, params.tracked_max, params.bits, params.scheme, params.dtype)

@@ -23,18 +23,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import onnx
 import torch.nn as nn
 from onnx import numpy_helper
 
 from ..compressor.calibration import CalibrationConfig, layer_entries
+from ..compressor.calibration_record import LayerCalibration, QuantParams
 from ..compressor.config import WEIGHT_TYPES, is_matmul_site, matmul_scope
 from ..compressor.fake_quant import FP16_BITS, is_integer_bits
 from ..placement.onnx_graph import OnnxGraph
 from ..placement.scopes import matmul_nodes
-from .grid import Grid, grid_from_range, precision_of_bits
+from .grid import Grid, grid_of, precision_of_bits
 from ..placement.module_map import ModuleCall
 from ..placement.onnx_export import FoldedBatchNorm
 from .weight_codes import WeightQuant, channel_shape, onnx_weight_quant, weight_codes
@@ -86,24 +87,20 @@ class LayerSpec:
     """One layer's quantization as the plan needs it (from a calibration entry)."""
 
     name: str
-    entry: Dict[str, Any]
+    layer: LayerCalibration
     weighted: bool = False  # a Conv/Linear: its precision is its weight's
 
     def bits(self, qtype: str) -> Optional[int]:
-        return self.entry.get(f"{qtype}_bits")
+        params = self.layer.params(qtype)
+        return None if params is None else params.bits
 
     def grid(self, qtype: str) -> Optional[Grid]:
-        e = self.entry
-        bits = e.get(f"{qtype}_bits")
-        if bits is None or not is_integer_bits(bits) or f"tracked_min_{qtype}" not in e:
-            return None
-        return grid_from_range(e[f"tracked_min_{qtype}"], e[f"tracked_max_{qtype}"], bits, e[f"{qtype}_scheme"],
-                               e[f"{qtype}_dtype"])
+        return grid_of(self.layer.params(qtype))
 
     @property
     def requested(self) -> str:
-        if "weight_bits" in self.entry or self.weighted:
-            return precision_of_bits(self.entry.get("weight_bits"))
+        if self.layer.weight is not None or self.weighted:
+            return precision_of_bits(self.bits("weight"))
         bits = [b for b in (self.bits("output"), self.bits("input")) if b is not None]
         return precision_of_bits(min(bits)) if bits else "fp32"
 
@@ -183,7 +180,7 @@ class _Planner:
             layer.note = "its weight is computed in the graph, not stored; it runs in float"
             return
         module = self.torch_model.get_submodule(spec.name)
-        codes, scales, zps, axis = weight_codes(module.weight, spec.entry, spec.name, self.folded.get(spec.name),
+        codes, scales, zps, axis = weight_codes(module.weight, spec.layer, spec.name, self.folded.get(spec.name),
                                                 spec.name in self.folded)
         folded = self.folded.get(spec.name)
         reference = module.weight if folded is None else \
@@ -192,7 +189,7 @@ class _Planner:
         if wq is None:
             layer.note = f"the ONNX weight has shape {list(init.dims)}, the module's {list(codes.shape)}; it runs in float"
             return
-        if spec.entry.get("quant_dynamic"):
+        if spec.layer.quant_dynamic:
             if node.op_type not in ("MatMul", "Gemm"):
                 layer.note = f"dynamic quantization runs MatMul/Gemm nodes, this layer is a {node.op_type}"
                 return
@@ -334,15 +331,15 @@ def build_plan(model: onnx.ModelProto, calls: Mapping[str, List[ModuleCall]], fo
             planner.plan.layers[name] = LayerPlan(name, "int8", sites, "" if sites else
                                                   "no matrix product of two activations is computed there")
             continue
-        planner.add_layer(LayerSpec(name, entry, isinstance(torch_model.get_submodule(name), WEIGHT_TYPES)),
-                          activations=not placed)
+        planner.add_layer(LayerSpec(name, LayerCalibration.from_dict(entry),
+                                    isinstance(torch_model.get_submodule(name), WEIGHT_TYPES)), activations=not placed)
     for tensor, grid in (points or {}).items():
         planner.plan.tensor_grids.setdefault(tensor, []).append(grid)
     planner.plan.edge_grids.update(point_edges or {})
     if extra_layer_bits == FP16_BITS:
         for name in extra_layers:
-            planner.add_layer(LayerSpec(name, {"type": type(torch_model.get_submodule(name)).__name__,
-                                               "weight_bits": 16}, True))
+            planner.add_layer(LayerSpec(name, LayerCalibration(type(torch_model.get_submodule(name)).__name__,
+                                                               QuantParams(FP16_BITS)), True))
     planner.derive()
     planner.simplify()
     planner.explain()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ..compressor.calibration import CalibrationConfig
-from ..compressor.fake_quant import is_integer_bits, is_per_channel, is_symmetric, quant_range, quantize
+from ..compressor.calibration_record import LayerCalibration
+from ..compressor.fake_quant import quant_range, quantize
 from ..compressor.layers import bn_factor, weight_axis
 from ..placement.onnx_export import FoldedBatchNorm
 
@@ -40,36 +41,40 @@ def channel_shape(weight: torch.Tensor, axis: int) -> List[int]:
     return shape
 
 
-def weight_codes(weight: torch.Tensor, entry: Mapping[str, Any], layer: str,
+def weight_codes(weight: torch.Tensor, calibration: Union[LayerCalibration, Mapping[str, Any]], layer: str,
                  bn: Optional[FoldedBatchNorm], fold_at_export: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[int]]:
     """Integer codes (int8 range), scales, zero points and channel axis of a layer's weight as
-    the exported graph holds it (folded or not), from the raw module ``weight`` and its entry.
+    the exported graph holds it (folded or not), from the raw module ``weight`` and its
+    calibration (integer weight params; a layer entry of a calibration dict is read as one).
 
-    ``entry['folded_bn']`` says which weight the scales refer to (the BN-folded one or the raw
+    ``calibration.folded_bn`` says which weight the scales refer to (the BN-folded one or the raw
     one); ``fold_at_export`` says which one the graph holds. Per-channel rescaling by the BN
     factor converts one into the other without touching the integers (a negative factor flips
     their sign). Raises :class:`FoldError` where that is impossible.
     """
-    bits, scheme, dtype = entry["weight_bits"], entry["weight_scheme"], entry["weight_dtype"]
-    qmin, qmax = quant_range(bits, dtype, is_symmetric(scheme))
-    scales = torch.tensor(entry["weight_scale"], dtype=torch.float32)
-    zps = torch.tensor(entry["weight_zero_point"], dtype=torch.int64)
-    axis = entry.get("weight_axis") if is_per_channel(scheme) else None
+    if not isinstance(calibration, LayerCalibration):
+        calibration = LayerCalibration.from_dict(calibration)
+    params = calibration.weight
+    bits, scheme, dtype = params.bits, params.scheme, params.dtype
+    qmin, qmax = quant_range(bits, dtype, scheme.symmetric)
+    scales = torch.tensor(params.scale, dtype=torch.float32)
+    zps = torch.tensor(params.zero_point, dtype=torch.int64)
+    axis = params.axis if scheme.per_channel else None
     weight = weight.detach().float()
-    if is_per_channel(scheme) and (axis is None or not 0 <= axis < weight.dim()
+    if scheme.per_channel and (axis is None or not 0 <= axis < weight.dim()
                                    or scales.numel() != weight.shape[axis]):
         raise ValueError(f"calibration entry {layer!r}: {scales.numel()} weight_scale values along weight_axis "
                          f"{axis!r} do not fit its weight of shape {tuple(weight.shape)}: export the calibration "
                          "from this model")
     ref = weight
-    config_folded = entry.get("folded_bn") is not None
+    config_folded = calibration.folded_bn is not None
     if config_folded:
-        if bn is None or entry["folded_bn"] not in (bn.bn, f"{bn.bn}.module"):  # or the inner module of a wrapped BN
-            raise FoldError(f"layer {layer!r}: the calibration folded BatchNorm {entry['folded_bn']!r}, which does "
+        if bn is None or calibration.folded_bn not in (bn.bn, f"{bn.bn}.module"):  # or the inner module of a wrapped BN
+            raise FoldError(f"layer {layer!r}: the calibration folded BatchNorm {calibration.folded_bn!r}, which does "
                             "not directly follow it in this model")
         ref = weight * bn.factor.reshape(channel_shape(weight, bn.axis))
     codes = quantize(ref, scales, zps, qmin, qmax, axis)
-    _check_codes(ref, codes, scales, zps, qmin, qmax, axis, layer, is_symmetric(scheme))
+    _check_codes(ref, codes, scales, zps, qmin, qmax, axis, layer, scheme.symmetric)
     if config_folded != fold_at_export:
         f = bn.factor.float()
         if axis is None:  # one scale becomes one per channel: s * |f_c|
@@ -146,11 +151,12 @@ def choose_folds(model: nn.Module, pairs: Mapping[str, str], config: Calibration
     would not survive folding."""
     folds = {}
     for conv_name, bn_name in pairs.items():
-        conv_entry, bn_entry = config.get(conv_name, {}), config.get(bn_name, {})
-        if not placed and ("output_bits" in conv_entry or "input_bits" in bn_entry):
+        conv_entry = LayerCalibration.from_dict(config.get(conv_name, {}))
+        bn_entry = LayerCalibration.from_dict(config.get(bn_name, {}))
+        if not placed and (conv_entry.output is not None or bn_entry.input is not None):
             logger.info("not folding %s into %s: a quantizer sits between them", bn_name, conv_name)
             continue
-        if is_integer_bits(conv_entry.get("weight_bits", 32)):
+        if conv_entry.weight is not None and conv_entry.weight.integer:
             conv = model.get_submodule(conv_name)
             bn = FoldedBatchNorm(conv_name, bn_name, bn_factor(model.get_submodule(bn_name)).detach(), weight_axis(conv))
             try:

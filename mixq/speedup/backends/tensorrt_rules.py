@@ -297,19 +297,19 @@ def calibration_violations(config: Mapping[str, Any]) -> List[Violation]:
     a non-zero zero point in int8 storage (an affine grid; a symmetric uint grid is exactly the
     int8 one), named with the config keys to change. Exact where the graph check can only say
     which layers a Q/DQ node sits between (a grid derived along a chain shows up on both)."""
-    from ..grid import grid_from_range  # the grid the plan writes for a tracked range
+    from ...compressor.calibration_record import LayerCalibration
+    from ..grid import grid_of  # the grid the plan writes for a tracked range
 
     found = []
     for layer, entry in config.items():
         if not isinstance(entry, Mapping) or layer.startswith("@"):  # '@tensors', '@placement': not layers
             continue
+        calibration = LayerCalibration.from_dict(entry)
         for qtype in ("input", "output"):
-            bits = entry.get(f"{qtype}_bits")
-            if not isinstance(bits, int) or not 1 <= bits <= 8 or f"tracked_min_{qtype}" not in entry:
-                continue
-            scheme, dtype = entry.get(f"{qtype}_scheme", "per_tensor_symmetric"), entry.get(f"{qtype}_dtype", "int")
-            grid = grid_from_range(entry[f"tracked_min_{qtype}"], entry[f"tracked_max_{qtype}"], bits, scheme, dtype)
-            if grid.zero_point != 0:
+            params = calibration.params(qtype)
+            grid = grid_of(params)
+            if grid is not None and grid.zero_point != 0:
+                scheme, dtype = params.scheme, params.dtype
                 found.append(Violation(
                     "zero-point", "", "", f"its {qtype} is quantized {scheme}/{dtype} (zero point {grid.zero_point} "
                     "in int8 storage); TensorRT quantizes symmetrically", [(layer, qtype)],
