@@ -264,7 +264,7 @@ class _Policy:
     def _residual_inputs(self, region: Set[str], p: Placement, need) -> None:
         """An Add reading a region conv's output gets its other input quantized (TensorRT,
         OpenVINO); with ``quantize_conv_residual``, also when both inputs come from convs (the
-        second input: the other conv then fuses the Add and the first need not write float)."""
+        second input: its conv then writes quantized codes and the first conv fuses the Add)."""
         g = self.g
         for node in g.nodes:
             if node.op_type != "Add" or node.name in self.float_nodes:
