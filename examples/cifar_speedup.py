@@ -5,7 +5,7 @@ CIFAR-10 layout (``cifar-10-batches-py``) from --data-dir (default: $MIXQ_DATA),
 training batches it holds; downloads the archive when the folder is missing and a network exists.
 
   python3 examples/cifar_speedup.py --data-dir ../shared/data           # ~15 min on 2 CPU cores (10,000 images)
-  python3 examples/cifar_speedup.py --data-dir ../shared/data --quick   # ~1.5 min, for CI
+  python3 examples/cifar_speedup.py --data-dir ../shared/data --quick   # ~1 min, for CI
 """
 import sys
 import tarfile
@@ -58,7 +58,7 @@ def load_data(data_dir, no_download):
 
 def main() -> int:
     parser = build_parser(__doc__.splitlines()[0], epochs=3,
-                          quick_note="10 training steps, 256 test images, few timing runs (~1.5 min)")
+                          quick_note="3 training steps, 2 QAT steps, 256 test images, few timing runs (~1 min)")
     args = start(parser)
     train, test = load_data(args.data_dir, args.no_download)
     if args.quick:
@@ -66,8 +66,8 @@ def main() -> int:
     print(f"CIFAR-10: {len(train[0])} train / {len(test[0])} test images")
     spec = ExampleSpec(name="cifar", make_model=resnet18_cifar, input_shape=(1, 3, 32, 32),
                        configs={"mixed": MIXED, "int8": INT8}, lr=0.05, qat_lr=0.002)
-    run_example(spec, args, train, test, qat_steps=5 if args.quick else 150, calib_batches=4 if args.quick else 16,
-                runs=args.runs or (3 if args.quick else 20), fp32_steps=10 if args.quick else None)
+    run_example(spec, args, train, test, qat_steps=2 if args.quick else 150, calib_batches=4 if args.quick else 16,
+                runs=args.runs or (3 if args.quick else 20), fp32_steps=3 if args.quick else None)
     return 0
 
 

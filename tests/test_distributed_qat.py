@@ -44,7 +44,7 @@ from mixq.quantizers import QAT_Quantizer
 CONFIG = [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
           {"quant_types": ["weight", "input", "output"], "quant_bits": 8, "op_names": ["fc2"]}]  # logits: signed
 GLOBAL_BATCH, STEPS, LR = 64, 12, 0.01
-PG_TIMEOUT_S = 12
+PG_TIMEOUT_S = 8
 
 
 # --- launching ranks --------------------------------------------------------------------------

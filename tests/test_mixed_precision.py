@@ -2,7 +2,7 @@
 
 W4A4 round-to-nearest (ObserverQuantizer; MSE weight ranges, min/max activation ranges, which
 do not depend on how the calibration data is batched) is used because it loses a few points, so the
-sensitivity ordering and the accuracy goal are meaningful; 512 calibration images, accuracy
+sensitivity ordering and the accuracy goal are meaningful; 256 calibration images, accuracy
 on the first N_TEST test images.
 """
 import copy
@@ -21,7 +21,7 @@ from mixq.quantizers import ObserverQuantizer
 
 CHECKPOINT = Path(__file__).resolve().parent / "data" / "resnet20_cifar.pt"
 N_TEST = 1000
-N_CALIB = 512
+N_CALIB = 256
 W4A4 = [{"quant_types": ["weight", "input"], "quant_bits": 4, "op_types": ["Conv2d", "Linear"],
          "quant_scheme": {"weight": "per_channel_symmetric", "input": "per_tensor_affine"},
          "quant_dtype": {"weight": "int", "input": "uint"}, "observer": {"weight": "mse", "input": "minmax"}}]

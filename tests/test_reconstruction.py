@@ -5,8 +5,8 @@ Budgets (the whole file must stay within a few minutes on 2 CPU cores): N_CALIB 
 images (the first of data_batch_1), batch 32, *_ITERATIONS steps per unit (11 units), accuracy on
 the first N_TEST test images; the multi-bit ordering is judged by the logits' SQNR against fp32,
 which separates 3- from 4-bit activations on N_TEST images where accuracy would need all 10,000.
-The iteration budgets are about a tenth of what benchmarks/reconstruction.py uses for the README
-figures.
+The iteration budgets (8 to 80 steps per unit) are far below the 300 that benchmarks/reconstruction.py
+uses for the README figures.
 """
 import copy
 from pathlib import Path
@@ -26,9 +26,9 @@ SCHEME = {"quant_scheme": {"weight": "per_channel_symmetric", "input": "per_tens
           "quant_dtype": {"weight": "int", "input": "uint"}}
 N_TEST = 2000
 N_CALIB = 512
-W3A3_ITERATIONS = 150  # the hard case: enough steps for AdaRound to settle most roundings
-W4A4_ITERATIONS = 60   # round-to-nearest already loses only ~2 points at W4A4
-MULTI_ITERATIONS = 20  # each multi-bit step runs four forwards and backwards (mixed, high, mid, low)
+W3A3_ITERATIONS = 80   # the hard case: enough steps for AdaRound to settle most roundings
+W4A4_ITERATIONS = 40   # round-to-nearest already loses only ~2 points at W4A4
+MULTI_ITERATIONS = 8   # each multi-bit step runs four forwards and backwards (mixed, high, mid, low)
 
 
 def config_list(weight_bits, act_bits):
@@ -126,7 +126,7 @@ def test_rounding_is_binary_and_export_reproduces_it(fp32, w3a3, tmp_path):
     # (the rest are decided by h(V) >= 0.5 at the end; what deploys is binary either way, below)
     values = torch.cat([v.flatten() for v in quantizer.rounding_values.values()])
     settled = torch.minimum(values, 1 - values)
-    assert (settled == 0).float().mean() >= 0.7 and (settled <= 0.1).float().mean() >= 0.8
+    assert (settled == 0).float().mean() >= 0.6 and (settled <= 0.1).float().mean() >= 0.7
 
     calib = quantizer.export_model(str(tmp_path / "w.pt"), str(tmp_path / "c.json"))
     exported = resnet20_cifar()
@@ -157,8 +157,10 @@ def _sqnr_db(out, reference):
 
 @pytest.mark.slow
 def test_activation_bits_switch_monotonically(fp32, cifar):
-    # W8 weights, so that the three levels differ by their activations only
+    # W8 weights, so that the three levels differ by their activations only; judged on half the
+    # test images (each fake-quantized forward of 2,000 images takes seconds)
     calib, x, y = cifar
+    x, y = x[:N_TEST // 2], y[:N_TEST // 2]
     with torch.no_grad():
         reference = fp32[0](x)
     model, quantizer = _reconstruct(fp32[0], (8, 4), calib, MULTI_ITERATIONS, activation_bits=(2, 3, 4))

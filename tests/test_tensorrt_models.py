@@ -143,8 +143,9 @@ def _hf_vit() -> ModelCase:
 
 MODELS: Dict[str, ModelCase] = {
     "mnist": ModelCase(MnistNet, (1, 1, 28, 28), lambda m: MNIST_INT8, lambda m: MNIST_MIXED),
+    # the config-driven precisions (fp32/fp16 are covered by MNIST, the automatic path by the zoo)
     "resnet18_cifar": ModelCase(resnet18_cifar, (1, 3, 32, 32), lambda m: CIFAR_INT8, lambda m: CIFAR_MIXED,
-                                marks=(pytest.mark.slow,)),
+                                marks=(pytest.mark.slow,), only=("int8", "mixed", "w4a4")),
     "resnet50": _zoo("resnet50"),
     "mobilenet_v2": _zoo("mobilenet_v2"),
     "mobilenet_v3_large": _zoo("mobilenet_v3_large"),
