@@ -332,6 +332,7 @@ MAC_OPS: Dict[str, Tuple[int, str]] = {
     "Conv": (1, "conv"), "FusedConv": (1, "conv"), "ConvInteger": (1, "conv"), "QLinearConv": (3, "conv"),
     "ConvTranspose": (1, "convT"),
     "MatMul": (1, "matmul"), "FusedMatMul": (1, "matmul"), "MatMulInteger": (1, "matmul"),
+    "MultiHeadAttention": (1, "attention"),
     "QLinearMatMul": (3, "matmul"), "MatMulIntegerToFloat": (1, "matmul"), "DynamicQuantizeMatMul": (1, "matmul"),
     "Gemm": (1, "gemm"), "FusedGemm": (1, "gemm"), "QGemm": (3, "gemm"),
 }
@@ -402,6 +403,8 @@ def mac_count(model: ModelLike, feeds: Optional[Feeds] = None,
             macs[name] = out_numel * int(np.prod(second[1:]))
         elif kind == "convT":  # weight (Cin, Cout/g, k...): each input element feeds Cout/g * k outputs
             macs[name] = int(np.prod(first)) * int(np.prod(second[1:]))
+        elif kind == "attention":  # Q·Kᵀ and softmax·V over every head: key length x (query + output)
+            macs[name] = int(second[1]) * (int(np.prod(first)) + out_numel)
         elif kind == "gemm":
             macs[name] = out_numel * int(first[0] if attrs.get("transA", 0) else first[-1])
         else:

@@ -11,7 +11,8 @@ tokenizer pads them ([CLS] text [SEP] then [PAD]s, 40-100% of each row real text
 * mixq dynamic int8 — the config list ``[{'op_types': ['Linear'], 'quant_types': ['weight'],
   'quant_bits': 8, 'quant_dynamic': True}]`` through ``ObserverQuantizer`` (no data), built by
   ``ModelSpeedup(config=quantizer.calibration_config())``;
-* ORT quantize_dynamic — on mixq's fp32 graph, ORT's defaults (s8 weights, every op type it knows);
+* ORT quantize_dynamic — on the model's fp32 ONNX as mixq exports it (before the ONNX Runtime
+  backend's own rewrites, e.g. its attention fusion), ORT's defaults (s8 weights, every op type it knows);
 * mixq static int8 — ``ObserverQuantizer`` with the plain config (weights of Linear, and of
   Conv2d on ViT, 8 bits; the backend places the activations), calibrated on 4 batches;
 * ORT quantize_static — QDQ, u8 activations, per-channel s8 weights, MinMax over the same 4 batches.
@@ -157,8 +158,10 @@ def calibrated(model: torch.nn.Module, config_list: List[Dict[str, Any]], batche
     return quantizer.calibration_config()
 
 
-def mixq_engine(case: Case, config: Optional[Dict[str, Any]], threads: int) -> ModelSpeedup:
-    return ModelSpeedup(case.model, dummy_input=case.held_out[0], config=config, num_threads=threads).compress()
+def mixq_engine(case: Case, config: Optional[Dict[str, Any]], threads: int, onnx_path: Optional[str] = None
+                ) -> ModelSpeedup:
+    return ModelSpeedup(case.model, dummy_input=case.held_out[0], config=config, num_threads=threads,
+                        onnx_path=onnx_path).compress()
 
 
 def mixq_row(label: str, case: Case, engine: ModelSpeedup, tmp: str) -> Row:
@@ -178,8 +181,10 @@ def ort_row(label: str, case: Case, model: bytes, output: str, tmp: str, threads
 
 
 def build_rows(case: Case, tmp: str, threads: int) -> List[Row]:
-    fp32 = mixq_engine(case, None, threads)
-    graph = fp32._engine.serialize()  # mixq's fp32 graph: what ORT's quantizers start from
+    exported = os.path.join(tmp, f"{case.name}-exported.onnx")
+    fp32 = mixq_engine(case, None, threads, onnx_path=exported)
+    with open(exported, "rb") as fh:  # the model's fp32 ONNX as exported, before any backend rewrite
+        graph = fh.read()             # (mixq's attention fusion included): what ORT's quantizers start from
     output = fp32.output_names[list(fp32.io.output_structure.keys).index("logits")]
     dynamic = mixq_engine(case, calibrated(case.model, DYNAMIC_CONFIG, [], case.held_out[0]), threads)
     static = mixq_engine(case, calibrated(case.model, case.static_config, case.calib, case.calib[0]), threads)

@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..compressor.call_points import CallPoints, input_key, module_key
 from ..compressor.calibration import CalibrationConfig, CalibrationError, layer_key
 from ..compressor.calibration_record import CalibrationRecord, LayerCalibration
-from ..compressor.config import WEIGHT_TYPES
+from ..compressor.config import WEIGHT_TYPES, is_matmul_site, matmul_scope
 from ..compressor.layers import weight_axis
 
 FIX = "export the calibration from this model (quantizer.export_model)"
@@ -103,11 +103,13 @@ def check_calibration(model: nn.Module, config: CalibrationConfig,
     calibration ``config`` does not fit ``model``; ``run`` (one forward of ``model`` on a test
     batch) also checks zero-width ranges."""
     for name, layer in CalibrationRecord.from_dict(config).layers.items():
+        if is_matmul_site(name):  # the matrix products inside a module (its operands are placed points)
+            name = matmul_scope(name)
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise CalibrationMismatchError(f"calibration entry {name!r} names no module of the model: {FIX}") from None
-        if layer.type is not None and layer.type not in type_names(module):
+        if layer.type is not None and layer.type != "MatMul" and layer.type not in type_names(module):
             raise CalibrationMismatchError(f"calibration entry {name!r}: 'type' is {layer.type!r}, but {name!r} is a "
                                            f"{type(module).__name__} in this model: {FIX}")
         if layer.weight is not None:

@@ -8,7 +8,8 @@ disabled and the ONNX Runtime passes that would reinterpret the graph off (see
 (``optimized_model_filepath``) is read back (:mod:`.ort_precision`) to report, per node,
 whether it became an integer kernel or stayed float. The graph carries inferred shapes
 (``value_info``): ONNX Runtime's transformer fusions (Add + LayerNormalization into
-SkipLayerNormalization...) only fire where shapes are known.
+SkipLayerNormalization...) only fire where shapes are known. Float attention cores become its
+fused MultiHeadAttention kernel (:mod:`.ort_attention_fusion`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import onnx
 from onnx import helper
 
 from .base import Backend, BackendUnavailable, BuildOptions, Engine
+from .ort_attention_fusion import FUSED_KEY, fuse_attention
 from .ort_precision import node_precisions_from_optimized
 from .ort_refiner import ABSORBED_KEY, refine_for_onnxruntime
 
@@ -72,6 +74,8 @@ class OnnxRuntimeEngine(Engine):
         props = {p.key: p.value for p in refined.metadata_props}
         for name in json.loads(props.get(ABSORBED_KEY, "[]")):
             self._precisions[name] = "int8"  # a ReLU folded into the integer kernel before it
+        for name in json.loads(props.get(FUSED_KEY, "[]")):
+            self._precisions[name] = "fp32"  # part of a float MultiHeadAttention kernel
         self.optimized_model = optimized  # the graph ONNX Runtime runs (tests and benchmarks read its kernels)
         self.optimized_op_types = sorted({n.op_type for n in optimized.graph.node})
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -101,9 +105,9 @@ class OnnxRuntimeBackend(Backend):
 
     def build(self, model: onnx.ModelProto, options: BuildOptions) -> OnnxRuntimeEngine:
         refined, absorbed = refine_for_onnxruntime(model)
-        refined = _with_shapes(refined)
+        refined, fused = fuse_attention(_with_shapes(refined))
         helper.set_model_props(refined, {**{p.key: p.value for p in refined.metadata_props},
-                                         ABSORBED_KEY: json.dumps(absorbed)})
+                                         ABSORBED_KEY: json.dumps(absorbed), FUSED_KEY: json.dumps(fused)})
         return OnnxRuntimeEngine(refined.SerializeToString(), options)
 
     def deserialize(self, payload: bytes, options: BuildOptions) -> OnnxRuntimeEngine:
