@@ -107,6 +107,7 @@ def main() -> None:
         print(format_table(["rank", "steps", "train s", "QAT acc", "engine acc", "calibration sha256",
                             "= rank 0 file"], rows))
     if dist.is_initialized():
+        dist.barrier()  # no rank tears its connections down while another still uses them (gloo aborted at exit once)
         dist.destroy_process_group()
 
 
