@@ -117,3 +117,15 @@ def test_a_graph_without_attention_is_returned_unchanged():
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])]))
     fused, names = fuse_attention(model)
     assert fused is model and names == []
+
+
+def test_masked_cores_need_opset_15_and_are_left_whole_below_it(bert):
+    engine = ModelSpeedup(bert, dummy_input=batch([16, 8]), num_threads=2).compress()
+    graph = onnx.shape_inference.infer_shapes(engine.annotated_model, data_prop=True)
+    fused, names = fuse_attention(graph)
+    assert sum(n.op_type == "MultiHeadAttention" for n in fused.graph.node) == LAYERS and names
+    old = onnx.ModelProto()
+    old.CopyFrom(graph)
+    next(o for o in old.opset_import if o.domain in ("", "ai.onnx")).version = 14  # Shape(start, end) needs 15
+    unchanged, names = fuse_attention(old)
+    assert unchanged is old and names == []

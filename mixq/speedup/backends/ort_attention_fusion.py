@@ -191,14 +191,14 @@ def fuse_attention(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, List[str]]:
     the nodes that were replaced. Needs inferred shapes (the head count is read from them)."""
     g = _Graph(model)
     cores = [c for c in (_match(g, n) for n in model.graph.node if n.op_type == "Softmax") if c is not None]
+    if _opset(model) < 15:
+        cores = [c for c in cores if not c.bias]  # the bias's shape is spelt with Shape(start, end)
     if not cores:
         return model, []
     out = onnx.ModelProto()
     out.CopyFrom(model)
     removed: Set[int] = {id(n) for c in cores for n in c.nodes}
-    new_nodes: Dict[str, List[onnx.NodeProto]] = defaultdict(list)  # emitted before the node producing key
-    if _opset(model) < 15:
-        cores = [c for c in cores if not c.bias]  # the bias's shape is spelt with Shape(start, end)
+    new_nodes: Dict[str, List[onnx.NodeProto]] = {}  # by the core's output: emitted where its last node was
     for index, core in enumerate(cores):
         stem = f"/mixq/attention_{index}"
         emitted: List[onnx.NodeProto] = []
