@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..compressor.call_points import CallPoints, input_key, module_key
 from ..compressor.calibration import CalibrationConfig, CalibrationError, layer_key
 from ..compressor.calibration_record import CalibrationRecord, LayerCalibration
-from ..compressor.config import WEIGHT_TYPES, is_matmul_site, matmul_scope
+from ..compressor.config import MATMUL, WEIGHT_TYPES, is_matmul_site, matmul_scope
 from ..compressor.layers import weight_axis
 
 FIX = "export the calibration from this model (quantizer.export_model)"
@@ -109,7 +109,7 @@ def check_calibration(model: nn.Module, config: CalibrationConfig,
             module = model.get_submodule(name)
         except AttributeError:
             raise CalibrationMismatchError(f"calibration entry {name!r} names no module of the model: {FIX}") from None
-        if layer.type is not None and layer.type != "MatMul" and layer.type not in type_names(module):
+        if layer.type is not None and layer.type != MATMUL and layer.type not in type_names(module):
             raise CalibrationMismatchError(f"calibration entry {name!r}: 'type' is {layer.type!r}, but {name!r} is a "
                                            f"{type(module).__name__} in this model: {FIX}")
         if layer.weight is not None:

@@ -17,6 +17,11 @@ def node_attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     return default
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The ``ai.onnx`` opset the model imports (0 if none)."""
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
 class GraphIndex:
     """Producer and readers of every tensor and the initializers of ``model`` (indexed once;
     constants added through :meth:`add_const` are indexed too)."""

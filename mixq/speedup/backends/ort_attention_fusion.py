@@ -20,13 +20,14 @@ or an integer kernel in the chain) keeps its own nodes.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from .onnx_graph_index import GraphIndex, default_opset, node_attr
 
 logger = logging.getLogger(__name__)
 
@@ -48,24 +49,19 @@ class _Core:
     nodes: List[onnx.NodeProto] = field(default_factory=list)
 
 
-class _Graph:
-    """Producer/reader/constant lookups over one graph."""
+class _Graph(GraphIndex):
+    """:class:`GraphIndex` plus ``Constant`` node values and the inferred shapes."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        g = model.graph
-        self.producer = {o: n for n in g.node for o in n.output}
-        self.readers: Dict[str, List[onnx.NodeProto]] = defaultdict(list)
-        for n in g.node:
-            for i in n.input:
-                self.readers[i].append(n)
-        self.consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-        for n in g.node:
+        super().__init__(model)
+        self.consts = {name: numpy_helper.to_array(t) for name, t in self.inits.items()}
+        for n in model.graph.node:
             if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
                 self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        g = model.graph
         self.shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None
                                  for d in vi.type.tensor_type.shape.dim]
                        for vi in list(g.value_info) + list(g.input) + list(g.output)}
-        self.outputs = {o.name for o in g.output}
 
     def made_by(self, tensor: str, op_type: str) -> Optional[onnx.NodeProto]:
         node = self.producer.get(tensor)
@@ -73,7 +69,7 @@ class _Graph:
 
     def compute_readers(self, tensor: str) -> List[onnx.NodeProto]:
         """Readers of ``tensor`` other than Shape nodes (the exporter's shape arithmetic)."""
-        return [n for n in self.readers[tensor] if n.op_type != "Shape"]
+        return [n for n in self.consumers[tensor] if n.op_type != "Shape"]
 
     def scalar(self, tensor: str) -> Optional[float]:
         value = self.consts.get(tensor)
@@ -81,7 +77,7 @@ class _Graph:
 
 
 def _perm(node: onnx.NodeProto) -> List[int]:
-    return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+    return list(node_attr(node, "perm", []))
 
 
 def _unscaled(g: _Graph, tensor: str, nodes: List[onnx.NodeProto]) -> Tuple[str, float]:
@@ -124,7 +120,7 @@ def _mask_of(g: _Graph, bias: str) -> Optional[str]:
 
 def _match(g: _Graph, softmax: onnx.NodeProto) -> Optional[_Core]:
     nodes: List[onnx.NodeProto] = [softmax]
-    if next((a.i for a in softmax.attribute if a.name == "axis"), -1) not in (-1, 3):
+    if node_attr(softmax, "axis", -1) not in (-1, 3):
         return None
     scores, bias = softmax.input[0], ""
     add = g.made_by(scores, "Add")
@@ -176,14 +172,11 @@ def _match(g: _Graph, softmax: onnx.NodeProto) -> Optional[_Core]:
         return None
     nodes.append(merge[0])
     inner = {o for n in nodes for o in n.output} - {merge[0].output[0]}
-    if any(r not in nodes and r.op_type != "Shape" for t in inner for r in g.readers[t]) or inner & g.outputs:
+    own = {id(n) for n in nodes}
+    if any(id(r) not in own and r.op_type != "Shape" for t in inner for r in g.consumers[t]) or inner & g.outputs:
         return None  # an intermediate is read elsewhere: leave the core as it is
     return _Core(query[0], key[0], value[0], merge[0].output[0], query[1], q_scale * k_scale, bias,
                  keep_mask, nodes)
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
 
 
 def fuse_attention(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, List[str]]:
@@ -191,7 +184,8 @@ def fuse_attention(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, List[str]]:
     the nodes that were replaced. Needs inferred shapes (the head count is read from them)."""
     g = _Graph(model)
     cores = [c for c in (_match(g, n) for n in model.graph.node if n.op_type == "Softmax") if c is not None]
-    if _opset(model) < 15:
+    opset = default_opset(model)
+    if opset < 15:
         cores = [c for c in cores if not c.bias]  # the bias's shape is spelt with Shape(start, end)
     if not cores:
         return model, []
@@ -204,7 +198,7 @@ def fuse_attention(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, List[str]]:
         emitted: List[onnx.NodeProto] = []
         bias, result = "", core.output
         if core.bias:
-            bias, row_has_key, nodes = _bias_nodes(core, stem, out, _opset(model))
+            bias, row_has_key, nodes = _bias_nodes(core, stem, out, opset)
             emitted += nodes
             if core.keep_mask:
                 result = f"{stem}/output"

@@ -12,7 +12,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
+
+from .onnx_graph_index import default_opset, node_attr  # noqa: F401  (re-exported for the TensorRT modules)
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
@@ -25,19 +27,6 @@ _CHAIN = _Q_DQ | {"Cast", "Identity"}
 def type_name(elem_type: Optional[int]) -> str:
     """``'FLOAT16'``, ``'INT32'``... for an ONNX element type (``'unknown'`` for None)."""
     return "unknown" if elem_type is None else TensorProto.DataType.Name(elem_type)
-
-
-def node_attr(node: onnx.NodeProto, name: str, default):
-    """Attribute ``name`` of ``node`` or ``default``."""
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    """The ``ai.onnx`` opset the model imports (0 if none)."""
-    return max((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), default=0)
 
 
 class GraphFacts:
