@@ -192,6 +192,36 @@ def test_in_place_and_out_of_place_residual_adds_place_alike():
     assert kernels[0] == kernels[1] and kernels[0]["QLinearAdd"] == 1
 
 
+class DenseStack(nn.Module):
+    """DenseNet's pattern: a pooled transition whose output every layer of the next block
+    concatenates, the first layer concatenating a list of that one tensor (``torch.cat([x])``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.pool = nn.Conv2d(3, 8, 3, padding=1), nn.AvgPool2d(2)
+        self.layers = nn.ModuleList([nn.Conv2d(8 + 4 * i, 4, 3, padding=1) for i in range(3)])
+
+    def forward(self, x):
+        features = [self.pool(self.stem(x))]
+        for layer in self.layers:
+            features.append(F.relu(layer(torch.cat(features, 1))))
+        return torch.cat(features, 1).mean((2, 3))
+
+
+def test_single_tensor_concat_leaves_its_input_quantized():
+    """A ``torch.cat`` of one tensor computes nothing: the pool before it stays the quantized
+    tensor every later Concat reads (it once took the pool's range and left the pool, and with
+    it every Concat of the block, in float)."""
+    torch.manual_seed(0)
+    model = DenseStack().eval()
+    x = _data(8, 32)
+    engine = ModelSpeedup(model, (8, 3, 16, 16), extra_layer_bits=8, calib_data_loader=[x], num_threads=1).compress()
+    ops = Counter(n.op_type for n in engine._engine.optimized_model.graph.node)
+    assert ops["QLinearAveragePool"] == 1 and ops["QLinearConcat"] == 3, ops
+    assert not {"Concat", "AveragePool"} & set(ops), ops
+    assert all(r["actual"] == "int8" for r in engine.precision_report() if r["kind"] in ("layer", "op"))
+
+
 def test_all_zero_weight_channel_builds():
     """Cause 5: a pruned filter (all-zero weights) quantizes with the smallest scale and builds."""
     torch.manual_seed(0)

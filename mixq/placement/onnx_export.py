@@ -218,9 +218,11 @@ def _export_dynamo(model: nn.Module, inputs: ModelInputs, input_names: List[str]
 
 
 def _drop_value_preserving_nodes(model: onnx.ModelProto) -> None:
-    """Remove Identity nodes (the exporter routes some initializers through them) and Casts to
-    the type they read (``x.to(x.dtype)``, ``.float()`` of a float): they compute nothing, and a tensor copied by them would be quantized twice or in the
-    wrong place (a Q/DQ pair must sit right before the op that fuses with it)."""
+    """Remove Identity nodes (the exporter routes some initializers through them), Casts to the
+    type they read (``x.to(x.dtype)``, ``.float()`` of a float) and Concats of one tensor
+    (``torch.cat([x])``, as DenseNet's first layer of each block does): they compute nothing, and
+    a tensor copied by them would be quantized twice or in the wrong place (a Q/DQ pair must sit
+    right before the op that fuses with it)."""
     graph = model.graph
     types = {vi.name: vi.type.tensor_type.elem_type
              for vi in list(onnx.shape_inference.infer_shapes(model).graph.value_info) + list(graph.input)}
@@ -231,7 +233,8 @@ def _drop_value_preserving_nodes(model: onnx.ModelProto) -> None:
     for node in graph.node:
         same_type = node.op_type == "Cast" and any(a.name == "to" and types.get(node.input[0]) == a.i
                                                    for a in node.attribute)
-        if (node.op_type == "Identity" or same_type) and node.output[0] not in outputs:
+        single_concat = node.op_type == "Concat" and len(node.input) == 1
+        if (node.op_type == "Identity" or same_type or single_concat) and node.output[0] not in outputs:
             rename[node.output[0]] = rename.get(node.input[0], node.input[0])
             removed.append(node)
     bypass(model, removed, rename)
