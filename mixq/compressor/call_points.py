@@ -6,7 +6,8 @@ A *point key* names one tensor of one forward pass, independently of any exporte
 * ``"conv1@0:in0"``              the first input of the first call of ``conv1``;
 * ``"layer1.0@0/add_#0"``        the output of the first ``add_`` (``out += identity``) made
   directly in the forward of ``layer1.0`` (not inside one of its children);
-* ``"act@0/silu#0.sigmoid"``     the ``sigmoid(x)`` inside a SiLU (see :data:`DECOMPOSITIONS`);
+* ``"act@0/silu#0.sigmoid"``     the ``sigmoid(x)`` inside a SiLU (see :data:`DECOMPOSITIONS`;
+                                 ``hardsigmoid(x)`` inside a HardSwish alike);
 * ``"@input0"``                  the model's first positional input; ``""`` is the root scope.
 
 Leaf modules (no children) are atomic: the calls inside them are not addressed, only their
@@ -46,6 +47,10 @@ def _silu(part: Part, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return x * part("sigmoid", torch.sigmoid(x))
 
 
+def _hardswish(part: Part, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return x * part("hardsigmoid", torch.nn.functional.hardsigmoid(x))
+
+
 def _sdpa(part: Part, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None,
           dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
           enable_gqa: bool = False) -> torch.Tensor:
@@ -68,8 +73,9 @@ def _sdpa(part: Part, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return probs @ value
 
 
-DECOMPOSITIONS: Dict[str, Callable[..., torch.Tensor]] = {"silu": _silu, "scaled_dot_product_attention": _sdpa}
-_DECOMPOSED_MODULES = {nn.SiLU: "silu"}
+DECOMPOSITIONS: Dict[str, Callable[..., torch.Tensor]] = {"silu": _silu, "hardswish": _hardswish,
+                                                          "scaled_dot_product_attention": _sdpa}
+_DECOMPOSED_MODULES = {nn.SiLU: "silu", nn.Hardswish: "hardswish"}
 
 
 def module_key(name: str, call: int) -> PointKey:

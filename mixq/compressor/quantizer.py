@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -62,6 +62,7 @@ class Quantizer:
             check_dummy_input(model, dummy_input)
         # activation points (placement-aware quantizers): key -> (bits, scheme, dtype) and range
         self.point_grids: Dict[PointKey, Tuple[int, str, str]] = {}
+        self.point_fixed: Dict[PointKey, Tuple[float, float]] = {}
         self.point_ranges = PointState(model, ())
         self._call_points: Optional[CallPoints] = None
         self._pending_point_state: Dict[str, torch.Tensor] = {}
@@ -222,16 +223,21 @@ class Quantizer:
         """Fake-quantize the output (called while the wrapper's fake quantization is on)."""
         return self.fake_quant_activation(wrapper, "output", x)
 
-    def install_points(self, grids: Dict[PointKey, Tuple[int, str, str]]) -> CallPoints:
+    def install_points(self, grids: Dict[PointKey, Tuple[int, str, str]],
+                       fixed: Optional[Mapping[PointKey, Tuple[float, float]]] = None) -> CallPoints:
         """Quantize the activations at ``grids``' point keys (see :mod:`.call_points`) through
-        :meth:`quantize_point`, on every forward of the model from now on."""
+        :meth:`quantize_point`, on every forward of the model from now on. Points in ``fixed``
+        keep the range given there (an op's own output range) and are never observed."""
         if self._call_points is not None:
             self._call_points.remove()
         self.point_grids = dict(grids)
+        self.point_fixed = dict(fixed or {})
         self.point_ranges = PointState(self.bound_model, list(grids))  # buffers: in the model's state_dict
         for key in grids:
             observer, fake_quant = self._initial_point_switches(key)
             self.point_ranges.set_switches(key, observer, fake_quant)
+            if key in self.point_fixed:
+                self.point_ranges[key] = self.point_fixed[key]
         self._call_points = CallPoints(self.bound_model, self._point_hook, keys=set(grids))
         if self._pending_point_state:
             self._load_pending_point_state()
@@ -244,7 +250,7 @@ class Quantizer:
 
     def _point_hook(self, key: PointKey, x: torch.Tensor) -> torch.Tensor:
         try:
-            if self.point_ranges.observing(key):
+            if self.point_ranges.observing(key) and key not in self.point_fixed:
                 self.observe_point(key, x)
             if not self.point_ranges.fake_quantizing(key):
                 return x

@@ -240,6 +240,28 @@ def _drop_value_preserving_nodes(model: onnx.ModelProto) -> None:
     bypass(model, removed, rename)
 
 
+def _split_hardswish(model: onnx.ModelProto) -> None:
+    """Write each ``HardSwish(x)`` as ``x * HardSigmoid(x)`` (ONNX's own definition of it, the
+    exporter's tensor in between): the gate is a tensor of its own that a backend can quantize
+    on the fixed grid [0, 1] and compute in integer (ONNX Runtime's form: see
+    :mod:`mixq.speedup.backends.ort_hardsigmoid`). ONNX Runtime runs HardSwish as these two
+    ops anyway, so a float engine is unchanged."""
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "HardSwish":
+            nodes.append(node)
+            continue
+        gate = f"{node.output[0]}/hardsigmoid"
+        split = [onnx.helper.make_node("HardSigmoid", [node.input[0]], [gate], f"{node.name}_HardSigmoid",
+                                       alpha=1.0 / 6.0, beta=0.5),
+                 onnx.helper.make_node("Mul", [node.input[0], gate], list(node.output), f"{node.name}_Mul")]
+        for new in split:
+            new.metadata_props.extend(node.metadata_props)
+        nodes += split
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
 def _ensure_node_names(model: onnx.ModelProto) -> None:
     """Give every node a unique, non-empty name (later passes key nodes by name)."""
     seen = set()
@@ -288,6 +310,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, fold: Mapping[str, str],
             raise RuntimeError(f"the {exporter} exporter cannot export {type(model).__name__} ({reason})"
                                + ("; try exporter='dynamo'" if exporter == "torchscript" else "")) from None
     _drop_value_preserving_nodes(proto)
+    _split_hardswish(proto)
     _ensure_node_names(proto)
     if verify:
         verify_export(proto, input_names, output_names,

@@ -11,7 +11,11 @@ around them are equal (``drop``: MaxPool, Reshape, Flatten, Transpose, Squeeze, 
 Slice...). ``ReluQuantFusion``/``ClipQuantFusion`` remove a ReLU/Clip in front of a
 QuantizeLinear whose grid already saturates there, so a conv/add followed by a ReLU is one
 integer kernel when the ReLU's output is quantized with zero point 0. ReduceMean over the
-spatial axes is run as GlobalAveragePool (the backend rewrites it).
+spatial axes is run as GlobalAveragePool (the backend rewrites it). HardSigmoid (alone, as the
+squeeze-excitation gate of MobileNetV3, or inside HardSwish = x * HardSigmoid(x)) has no ONNX
+Runtime kernel of its own, but on the fixed output grid [0, 1] (uint8, scale 1/255) it is a
+QLinearAdd whose output saturates (:mod:`mixq.speedup.backends.ort_hardsigmoid`), so the
+HardSwish becomes QLinearAdd + QLinearMul instead of a float round trip.
 
 TensorRT (explicit quantization, strongly typed): Q/DQ on the inputs of Conv/MatMul/Gemm (and
 their weights) and on the residual input of an Add that follows a conv; TensorRT fuses the rest
@@ -35,7 +39,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, replace
-from typing import Dict, FrozenSet
+from typing import Dict, FrozenSet, Optional, Tuple
 
 import onnx
 
@@ -54,6 +58,11 @@ class OpRules:
     default_scheme: str
     default_dtype: str
     quantize_conv_residual: bool = False  # an Add of two convs: quantize its second input (one conv fuses the Add)
+    fixed_output_ranges: Tuple[Tuple[str, float, float], ...] = ()  # (op, lo, hi): output grid set by the op, not data
+
+    def fixed_range(self, op_type: str) -> Optional[Tuple[float, float]]:
+        """The range an integer ``op_type``'s output is quantized on regardless of data, if any."""
+        return next(((lo, hi) for op, lo, hi in self.fixed_output_ranges if op == op_type), None)
 
     def is_integer_op(self, node: onnx.NodeProto, constant_inputs: int) -> bool:
         """True if ``node`` (with ``constant_inputs`` constant data inputs) runs integer here."""
@@ -67,7 +76,7 @@ class OpRules:
 ONNXRUNTIME = OpRules(
     backend="onnxruntime",
     integer_ops=frozenset({"Add", "Mul", "Concat", "Sigmoid", "AveragePool", "GlobalAveragePool", "LeakyRelu",
-                           "Softmax", "ReduceMean"}),
+                           "Softmax", "ReduceMean", "HardSigmoid"}),
     grid_ops=frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Relu",
                         "Clip", "Slice"}),
     fusable_activations=frozenset({"Relu", "Clip"}),
@@ -76,6 +85,7 @@ ONNXRUNTIME = OpRules(
     quantize_residual_input=False,
     default_scheme="per_tensor_affine",
     default_dtype="uint",
+    fixed_output_ranges=(("HardSigmoid", 0.0, 1.0),),
 )
 
 TENSORRT = OpRules(

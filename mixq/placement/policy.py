@@ -14,7 +14,8 @@ own it:
    tensor after it is quantized instead (zero point 0), so the pair is one kernel;
 4. every data input of a region node, and every output the backend needs quantized, gets one
    shared grid (*point*), observed by the quantizer; outputs of grid-preserving ops keep their
-   input's grid (*derived*, no range of their own);
+   input's grid (*derived*, no range of their own); an op whose output range is its own
+   (HardSigmoid: [0, 1]) gets that range, fixed, never observed;
 5. the config's own input/output requests are honoured on top: same tensor, their bits and
    explicit scheme; a request that conflicts with the grid a tensor already has becomes a
    requantization for that reader only (*edge*); a request on a tensor absorbed into a fused
@@ -46,6 +47,7 @@ class PointSpec:
     why: str = ""
     layer: Optional[str] = None   # the config layer that asked for it, if one did
     kind: Optional[str] = None    # and for its 'input' or 'output'
+    fixed: Optional[Tuple[float, float]] = None  # a range set by the op (HardSigmoid: [0, 1]), never observed
 
     def same_grid(self, other: "PointSpec", rules: OpRules) -> bool:
         """Whether both quantize on one grid (an unset scheme/dtype is the backend's default)."""
@@ -209,14 +211,14 @@ class _Policy:
         region |= p.absorbed
         failed: Set[str] = set()
 
-        def need(tensor: str, why: str, node: str) -> None:
+        def need(tensor: str, why: str, node: str, fixed: Optional[Tuple[float, float]] = None) -> None:
             if tensor in p.points or tensor in p.derived:
                 return
             if tensor in self.blocked:
                 failed.add(node)
                 self.p.notes.setdefault(node, f"{why}: {self.blocked_reason(tensor)}")
                 return
-            p.points[tensor] = PointSpec(why=why)
+            p.points[tensor] = PointSpec(why=why, fixed=fixed)
 
         for name in [n for n in g.order if n in region]:
             node = g.by_name[name]
@@ -244,7 +246,7 @@ class _Policy:
                     node.op_type != "MatMul" or g.weight_initializer(node) is not None)
                 if float_ok and not region_reads:
                     continue
-                need(out, f"output of {node.op_type} {name}", name)
+                need(out, f"output of {node.op_type} {name}", name, rules.fixed_range(node.op_type))
         if rules.quantize_residual_input:
             self._residual_inputs(region, p, need)
         for name in [n for n in g.order if n in region and kinds.get(n) == "grid" and n not in p.absorbed]:
@@ -299,7 +301,8 @@ class _Policy:
             source = p.points.get(p.derived[t]) if t in p.derived else None
             if current is not None:
                 if current.layer is None or current.same_grid(spec, self.rules):
-                    p.points[t] = replace(spec, why=current.why or spec.why)
+                    fixed = current.fixed if current.same_grid(spec, self.rules) else None
+                    p.points[t] = replace(spec, why=current.why or spec.why, fixed=fixed)
                 elif req.kind == "input":
                     for reader in req.readers:
                         p.edges[(t, reader)] = spec

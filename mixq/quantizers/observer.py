@@ -82,7 +82,7 @@ class ObserverQuantizer(PlacementMixin, Quantizer):
     def _on_points_placed(self) -> None:
         device = model_device(self.bound_model)
         self.point_observers = {key: make_observer(self._observer_choice(spec.layer, spec.kind), None).to(device)
-                                for key, spec in self.point_plan.points.items()}
+                                for key, spec in self.point_plan.points.items() if not spec.fixed}
 
     def observe_point(self, key: str, x: torch.Tensor) -> None:
         self.point_observers[key].update(x)

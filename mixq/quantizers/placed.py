@@ -122,7 +122,7 @@ class PlacementMixin:
         example = inputs.map(lambda t: t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu())
         self.point_plan = plan_points(model, example, self._intents(), self.backend, self.excluded)
         grids = {key: self.point_plan.grid(key) for key in self.point_plan.points}
-        self.install_points(grids)
+        self.install_points(grids, {key: spec.fixed for key, spec in self.point_plan.points.items() if spec.fixed})
         self._simulate_integer_biases(self.point_plan)
         self._on_points_placed()
 
