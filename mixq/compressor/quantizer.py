@@ -14,6 +14,7 @@ from .calibration import CalibrationConfig, validate_calibration_config
 from .calibration_record import CalibrationRecord, LayerCalibration, QuantParams
 from .export_files import write_export
 from .layers import weight_axis
+from .integer_affine import shift_rounding
 from .scheme import Scheme
 from .point_state import BUFFERS_PER_POINT, PREFIX as POINT_PREFIX, PointState
 from .config import ConfigError, ConfigListSpec, LayerQuantConfig, module_names, is_matmul_site
@@ -63,6 +64,7 @@ class Quantizer:
         # activation points (placement-aware quantizers): key -> (bits, scheme, dtype) and range
         self.point_grids: Dict[PointKey, Tuple[int, str, str]] = {}
         self.point_fixed: Dict[PointKey, Tuple[float, float]] = {}
+        self.point_affine: Dict[PointKey, Tuple[PointKey, nn.Module]] = {}
         self.point_ranges = PointState(model, ())
         self._call_points: Optional[CallPoints] = None
         self._pending_point_state: Dict[str, torch.Tensor] = {}
@@ -224,21 +226,25 @@ class Quantizer:
         return self.fake_quant_activation(wrapper, "output", x)
 
     def install_points(self, grids: Dict[PointKey, Tuple[int, str, str]],
-                       fixed: Optional[Mapping[PointKey, Tuple[float, float]]] = None) -> CallPoints:
+                       fixed: Optional[Mapping[PointKey, Tuple[float, float]]] = None,
+                       affine: Optional[Mapping[PointKey, Tuple[PointKey, nn.Module]]] = None) -> CallPoints:
         """Quantize the activations at ``grids``' point keys (see :mod:`.call_points`) through
         :meth:`quantize_point`, on every forward of the model from now on. Points in ``fixed``
-        keep the range given there (an op's own output range) and are never observed."""
+        keep the range given there (an op's own output range) and are never observed. ``affine``
+        maps a BatchNorm's output key to (its input's point, the BatchNorm): the engine runs it as
+        an integer kernel whose int32 bias rounding is added there (:mod:`.integer_affine`)."""
         if self._call_points is not None:
             self._call_points.remove()
         self.point_grids = dict(grids)
         self.point_fixed = dict(fixed or {})
+        self.point_affine = dict(affine or {})
         self.point_ranges = PointState(self.bound_model, list(grids))  # buffers: in the model's state_dict
         for key in grids:
             observer, fake_quant = self._initial_point_switches(key)
             self.point_ranges.set_switches(key, observer, fake_quant)
             if key in self.point_fixed:
                 self.point_ranges[key] = self.point_fixed[key]
-        self._call_points = CallPoints(self.bound_model, self._point_hook, keys=set(grids))
+        self._call_points = CallPoints(self.bound_model, self._point_hook, keys=set(grids) | set(self.point_affine))
         if self._pending_point_state:
             self._load_pending_point_state()
         self._hide_state_from_ddp()
@@ -250,6 +256,10 @@ class Quantizer:
 
     def _point_hook(self, key: PointKey, x: torch.Tensor) -> torch.Tensor:
         try:
+            if key in self.point_affine:
+                x = self._integer_affine(key, x)
+            if key not in self.point_grids:
+                return x
             if self.point_ranges.observing(key) and key not in self.point_fixed:
                 self.observe_point(key, x)
             if not self.point_ranges.fake_quantizing(key):
@@ -257,6 +267,19 @@ class Quantizer:
             return self.quantize_point(key, x)
         except NonFiniteTensorError as exc:
             raise NonFiniteTensorError(f"tensor {key!r}{self._point_context(key)}: {exc}") from None
+
+    def _integer_affine(self, key: PointKey, x: torch.Tensor) -> torch.Tensor:
+        """An eval-mode BatchNorm's output with the engine's int32 bias rounding (once its input
+        point quantizes)."""
+        source, bn = self.point_affine[key]
+        if bn.training or not self.point_ranges.fake_quantizing(source):
+            return x
+        lo, hi = self.point_ranges[source]
+        bits, scheme, dtype = self.point_grids[source]
+        if not is_integer_bits(bits) or torch.isnan(lo):
+            return x
+        scale, _ = qparams_from_range(lo, hi, bits, scheme, dtype)
+        return x + shift_rounding(bn, float(scale)).to(x)
 
     def _point_context(self, key: PointKey) -> str:
         """Where a point sits, for messages (placement-aware quantizers say which layer it feeds)."""

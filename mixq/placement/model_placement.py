@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 import torch
 import torch.nn as nn
 
-from ..compressor.call_points import PointKey, trace_points
+from ..compressor.call_points import PointKey, key_module, trace_points
 from ..compressor.config import WEIGHT_TYPES, is_matmul_site, matmul_scope
 from ..compressor.fake_quant import is_integer_bits
 from ..compressor.model_io import ModelInputs
@@ -61,6 +61,8 @@ class PointPlan:
     point_tensors: Dict[PointKey, str] = field(default_factory=dict)       # key -> ONNX tensor (this exporter's name)
     bias_inputs: Dict[str, PointKey] = field(default_factory=dict)         # layer -> point scaling its int32 bias
     folded_bn: Dict[str, str] = field(default_factory=dict)                # conv -> the BatchNorm the export folds in
+    # BatchNorm output -> (its input's point, the module): run as an integer channel affine (bias rounded)
+    channel_affines: Dict[PointKey, Tuple[PointKey, str]] = field(default_factory=dict)
 
     def grid(self, key: PointKey, rules: Optional[OpRules] = None) -> Tuple[int, str, str]:
         """``(bits, scheme, dtype)`` of a point, the backend's default filled in."""
@@ -138,6 +140,8 @@ def plan_points(model: nn.Module, example_inputs: Any, intents: Mapping[str, Lay
     keys = match_tensors(onnx_values, records)
     blocked = {t: "no torch tensor holds it (it only exists inside an exported op)"
                for t in onnx_values if t not in keys}
+    batchnorms = _batchnorm_calls(g, model, keys)
+    float_nodes |= {n.name for n in g.nodes if n.op_type == "BatchNormalization" and n.name not in batchnorms}
     placement = place(g, rules, int_nodes, float_nodes, requests, blocked)
     plan.placement = placement
     plan.tensor_keys = keys
@@ -156,6 +160,10 @@ def plan_points(model: nn.Module, example_inputs: Any, intents: Mapping[str, Lay
         edge_keys[(tensor, reader)] = key
         plan.points[key] = spec
     plan.bias_inputs = _bias_inputs(g, placement, weight_nodes, keys, edge_keys, set(plan.points))
+    for node, (key, module) in batchnorms.items():
+        source = keys.get(placement.derived.get(g.by_name[node].input[0], g.by_name[node].input[0]))
+        if node in placement.integer_nodes and source in plan.points:
+            plan.channel_affines[key] = (source, module)
     plan.folded_bn = {conv: f.bn for conv, f in exported.folded.items()}
     for req in requests:
         tensor = placement.moved.get(req.tensor, req.tensor)
@@ -178,6 +186,20 @@ def plan_points(model: nn.Module, example_inputs: Any, intents: Mapping[str, Lay
     logger.info("placement for %s: %d quantized tensors, %d integer nodes", backend, len(plan.points),
                 len(placement.integer_nodes))
     return plan
+
+
+def _batchnorm_calls(g: OnnxGraph, model: nn.Module, keys: Mapping[str, PointKey]) -> Dict[str, Tuple[PointKey, str]]:
+    """``{BatchNormalization node: (its output's point key, the BatchNorm module)}`` for the nodes
+    that are one call of a BatchNorm module (the integer kernel's bias rounding is simulated
+    there); other BatchNormalization nodes cannot be simulated as integer ops."""
+    found = {}
+    for node in g.nodes:
+        key = keys.get(node.output[0]) if node.op_type == "BatchNormalization" else None
+        parts = key_module(key) if key else None
+        if parts is not None and parts[2] is None and \
+                isinstance(model.get_submodule(parts[0]), nn.modules.batchnorm._BatchNorm):
+            found[node.name] = (key, parts[0])
+    return found
 
 
 def _bias_inputs(g: OnnxGraph, placement: Placement, weight_nodes: Mapping[str, List[str]],

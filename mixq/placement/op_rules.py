@@ -15,7 +15,10 @@ spatial axes is run as GlobalAveragePool (the backend rewrites it). HardSigmoid 
 squeeze-excitation gate of MobileNetV3, or inside HardSwish = x * HardSigmoid(x)) has no ONNX
 Runtime kernel of its own, but on the fixed output grid [0, 1] (uint8, scale 1/255) it is a
 QLinearAdd whose output saturates (:mod:`mixq.speedup.backends.ort_hardsigmoid`), so the
-HardSwish becomes QLinearAdd + QLinearMul instead of a float round trip.
+HardSwish becomes QLinearAdd + QLinearMul instead of a float round trip. A 4-D BatchNorm on a
+quantized tensor (one no conv before it absorbs: DenseNet's BN -> ReLU -> conv) runs as a
+depthwise 1x1 QLinearConv (:mod:`mixq.speedup.backends.ort_channel_affine`); ONNX Runtime's own
+quantizer leaves it in float, NCHW, between Transposes.
 
 TensorRT (explicit quantization, strongly typed): Q/DQ on the inputs of Conv/MatMul/Gemm (and
 their weights) and on the residual input of an Add that follows a conv; TensorRT fuses the rest
@@ -76,7 +79,7 @@ class OpRules:
 ONNXRUNTIME = OpRules(
     backend="onnxruntime",
     integer_ops=frozenset({"Add", "Mul", "Concat", "Sigmoid", "AveragePool", "GlobalAveragePool", "LeakyRelu",
-                           "Softmax", "ReduceMean", "HardSigmoid"}),
+                           "Softmax", "ReduceMean", "HardSigmoid", "BatchNormalization"}),
     grid_ops=frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Relu",
                         "Clip", "Slice"}),
     fusable_activations=frozenset({"Relu", "Clip"}),

@@ -131,6 +131,8 @@ class _Policy:
         if rules.is_integer_op(node, self._constant_data_inputs(node)):
             if node.op_type == "ReduceMean" and not spatial_mean(g, node):
                 return ""
+            if node.op_type == "BatchNormalization" and len(g.shapes.get(inputs[0]) or ()) != 4:
+                return ""
             if node.output[0] in self.blocked:
                 return ""
             return "op"

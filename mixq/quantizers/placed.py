@@ -122,7 +122,12 @@ class PlacementMixin:
         example = inputs.map(lambda t: t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu())
         self.point_plan = plan_points(model, example, self._intents(), self.backend, self.excluded)
         grids = {key: self.point_plan.grid(key) for key in self.point_plan.points}
-        self.install_points(grids, {key: spec.fixed for key, spec in self.point_plan.points.items() if spec.fixed})
+        affine = {}
+        for key, (source, name) in self.point_plan.channel_affines.items():
+            bn = self.bound_model.get_submodule(name)
+            affine[key] = (source, bn.module if is_wrapper(bn) else bn)
+        self.install_points(grids, {key: spec.fixed for key, spec in self.point_plan.points.items() if spec.fixed},
+                            affine)
         self._simulate_integer_biases(self.point_plan)
         self._on_points_placed()
 

@@ -17,7 +17,8 @@ without changing what it computes:
 * any other ReLU between a DQ and a Q becomes LeakyRelu(alpha=0), which ONNX Runtime runs as
   an integer lookup table (QLinearLeakyRelu) instead of in float;
 * a HardSigmoid quantized on [0, 1] becomes an Add whose uint8 output saturates (QLinearAdd,
-  :mod:`.ort_hardsigmoid`);
+  :mod:`.ort_hardsigmoid`), a BatchNorm between quantized tensors a depthwise 1x1 conv
+  (QLinearConv, :mod:`.ort_channel_affine`);
 * fp16 layers run in fp32 (the CPU provider has no fp16 kernels): Casts become Identity and
   fp16 weights are widened (exactly).
 """
@@ -33,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ...placement.onnx_graph import OnnxGraph, prune_initializers
 from ...placement.policy import spatial_mean
 from .ort_channel_padding import pad_conv_input_channels, pad_conv_output_channels
+from .ort_channel_affine import batchnorm_as_depthwise_conv
 from .ort_hardsigmoid import hardsigmoid_as_saturating_add
 from .ort_space_to_depth import fuse_conv_pool_space_to_depth
 
@@ -352,4 +354,4 @@ def refine_for_onnxruntime(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Lis
     """The annotated graph re-encoded for ONNX Runtime's CPU integer kernels (same values), and
     the ReLU nodes it removed because the quantized tensor before them is already non-negative."""
     refined, absorbed = _Refiner(model).run()
-    return hardsigmoid_as_saturating_add(refined), absorbed
+    return hardsigmoid_as_saturating_add(batchnorm_as_depthwise_conv(refined)), absorbed
