@@ -63,6 +63,9 @@ class PointPlan:
     folded_bn: Dict[str, str] = field(default_factory=dict)                # conv -> the BatchNorm the export folds in
     # BatchNorm output -> (its input's point, the module): run as an integer channel affine (bias rounded)
     channel_affines: Dict[PointKey, Tuple[PointKey, str]] = field(default_factory=dict)
+    # a Concat input -> the Concat output point whose grid the engine quantizes it on (not simulated
+    # separately: one grid commutes with concatenation)
+    shared: Dict[PointKey, PointKey] = field(default_factory=dict)
 
     def grid(self, key: PointKey, rules: Optional[OpRules] = None) -> Tuple[int, str, str]:
         """``(bits, scheme, dtype)`` of a point, the backend's default filled in."""
@@ -148,6 +151,9 @@ def plan_points(model: nn.Module, example_inputs: Any, intents: Mapping[str, Lay
 
     for tensor, spec in list(placement.points.items()) + list(placement.requant.items()):
         plan.points[keys[tensor]] = spec
+        plan.point_tensors[keys[tensor]] = tensor
+    for tensor, concat in placement.shared.items():
+        plan.shared[keys[tensor]] = keys[concat]
         plan.point_tensors[keys[tensor]] = tensor
     node_call = {n: (module, i) for module, cs in calls.items() for i, c in enumerate(cs) for n in c.nodes}
     edge_keys: Dict[Tuple[str, str], PointKey] = {}

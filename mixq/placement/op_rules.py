@@ -18,7 +18,10 @@ QLinearAdd whose output saturates (:mod:`mixq.speedup.backends.ort_hardsigmoid`)
 HardSwish becomes QLinearAdd + QLinearMul instead of a float round trip. A 4-D BatchNorm on a
 quantized tensor (one no conv before it absorbs: DenseNet's BN -> ReLU -> conv) runs as a
 depthwise 1x1 QLinearConv (:mod:`mixq.speedup.backends.ort_channel_affine`); ONNX Runtime's own
-quantizer leaves it in float, NCHW, between Transposes.
+quantizer leaves it in float, NCHW, between Transposes. A Concat's inputs that nothing else reads
+(Inception's branch outputs) are quantized on the Concat's own grid, so QLinearConcat copies them
+instead of requantizing each (the simulation needs nothing more: quantizing on one grid commutes
+with concatenation).
 
 TensorRT (explicit quantization, strongly typed): Q/DQ on the inputs of Conv/MatMul/Gemm (and
 their weights) and on the residual input of an Add that follows a conv; TensorRT fuses the rest
@@ -62,6 +65,7 @@ class OpRules:
     default_dtype: str
     quantize_conv_residual: bool = False  # an Add of two convs: quantize its second input (one conv fuses the Add)
     fixed_output_ranges: Tuple[Tuple[str, float, float], ...] = ()  # (op, lo, hi): output grid set by the op, not data
+    share_concat_grid: bool = False  # a Concat's inputs that only it reads take its output's grid (a copy, no requantization)
 
     def fixed_range(self, op_type: str) -> Optional[Tuple[float, float]]:
         """The range an integer ``op_type``'s output is quantized on regardless of data, if any."""
@@ -89,6 +93,7 @@ ONNXRUNTIME = OpRules(
     default_scheme="per_tensor_affine",
     default_dtype="uint",
     fixed_output_ranges=(("HardSigmoid", 0.0, 1.0),),
+    share_concat_grid=True,
 )
 
 TENSORRT = OpRules(

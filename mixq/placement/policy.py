@@ -15,7 +15,8 @@ own it:
 4. every data input of a region node, and every output the backend needs quantized, gets one
    shared grid (*point*), observed by the quantizer; outputs of grid-preserving ops keep their
    input's grid (*derived*, no range of their own); an op whose output range is its own
-   (HardSigmoid: [0, 1]) gets that range, fixed, never observed;
+   (HardSigmoid: [0, 1]) gets that range, fixed, never observed; where the backend wants it, a
+   Concat's inputs that only it reads take the Concat output's grid (*shared*);
 5. the config's own input/output requests are honoured on top: same tensor, their bits and
    explicit scheme; a request that conflicts with the grid a tensor already has becomes a
    requantization for that reader only (*edge*); a request on a tensor absorbed into a fused
@@ -79,6 +80,7 @@ class Placement:
     absorbed: Set[str] = field(default_factory=set)                   # activations fused into the op before
     notes: Dict[str, str] = field(default_factory=dict)               # node -> why it stays float
     moved: Dict[str, str] = field(default_factory=dict)               # request tensor -> tensor it moved to
+    shared: Dict[str, str] = field(default_factory=dict)              # Concat input -> the Concat output whose grid it takes
 
 
 def spatial_mean(g: OnnxGraph, node: onnx.NodeProto) -> bool:
@@ -321,6 +323,28 @@ class _Policy:
             else:
                 p.points[t] = spec
 
+    def _share_concat_grids(self) -> None:
+        """An integer Concat's inputs that only it reads, placed by the policy (no config request),
+        take the Concat output's grid instead of a range of their own: the kernel then copies them."""
+        p, g = self.p, self.g
+        activated = {g.by_name[a].output[0]: g.by_name[a].op_type for a in p.absorbed}
+        for node in g.nodes:
+            out = node.output[0] if node.output else ""
+            if node.op_type != "Concat" or node.name not in p.integer_nodes or out not in p.points \
+                    or out in p.requant or p.points[out].fixed:
+                continue
+            inputs = g.activation_inputs(node)
+            # a fused ReLU needs a grid from 0: the Concat's has one only if all its inputs are ReLU outputs
+            all_relu = all(activated.get(t) == "Relu" for t in inputs)
+            for t in inputs:
+                spec = p.points.get(t)
+                readers = g.readers(t)
+                if spec is None or spec.layer is not None or spec.fixed or t in p.requant or t in g.outputs \
+                        or len(readers) != 1 or any(e[0] == t for e in p.edges) or (t in activated and not all_relu):
+                    continue
+                del p.points[t]
+                p.shared[t] = out
+
     def run(self, blocked_why: Dict[str, str]) -> Placement:
         self.blocked_why = blocked_why
         while True:
@@ -330,6 +354,8 @@ class _Policy:
             self.float_nodes |= failed
             self.seed = [n for n in self.seed if n not in failed]
         self._apply_requests()
+        if self.rules.share_concat_grid:
+            self._share_concat_grids()
         for name in self.seed:
             if name not in self.p.integer_nodes:
                 self.p.notes.setdefault(name, "it left the integer region")

@@ -170,6 +170,7 @@ class PlacementMixin:
                 raise RuntimeError(f"tensor {key!r} ({plan.points[key].why}) saw no data: run calibration forwards "
                                    "(training for QAT) through the model before exporting")
             tensors[key] = params
+        tensors.update({key: tensors[source] for key, source in plan.shared.items()})
         layers = {name: layer.replace(**{q: tensors.get(plan.serves.get(name, {}).get(q)) for q in ("input", "output")})
                   for name, layer in record.layers.items()}
         for name, cfg in self.layer_configs.items():
