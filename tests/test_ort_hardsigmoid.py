@@ -174,3 +174,16 @@ def test_qat_keeps_the_gate_grid_fixed(mobilenet):
         ModelSpeedup(unwrapped_copy(wrapped).eval(), (8, 3, 16, 16), config=quantizer.calibration_config(),
                      num_threads=1)
         .compress().precision_report()))
+
+
+def test_only_onnx_runtime_splits_hardswish(mobilenet):
+    """OpenVINO fuses HardSwish itself (its int8 MobileNetV3 ran 1.6x slower on the split form) and
+    TensorRT has a HardSwish layer: only ONNX Runtime's export writes x * HardSigmoid(x)."""
+    from mixq.placement.onnx_export import export_onnx
+    from mixq.placement.op_rules import rules_for
+    assert [rules_for(b).split_hardswish for b in ("onnxruntime", "openvino", "tensorrt")] == [True, False, False]
+    x = _data(3, 2)
+    ops = {split: Counter(n.op_type for n in export_onnx(mobilenet, x, {}, split_hardswish=split).model.graph.node)
+           for split in (False, True)}
+    assert ops[False]["HardSwish"] == 5 and ops[False]["HardSigmoid"] == 2
+    assert ops[True]["HardSwish"] == 0 and ops[True]["HardSigmoid"] == 7

@@ -86,7 +86,7 @@ def plan_points(model: nn.Module, example_inputs: Any, intents: Mapping[str, Lay
     model = probe_copy(model)
     example = probe_inputs(ModelInputs.of(example_inputs, model).first(1))
     pairs = conv_bn_pairs(model, example)
-    exported = export_onnx(model, example, pairs, exporter)
+    exported = export_onnx(model, example, pairs, exporter, split_hardswish=rules.split_hardswish)
     names = [n for n, _ in model.named_modules()]
     calls = module_calls(exported.model, names)
     bn_alias = {f.bn: conv for conv, f in exported.folded.items()}

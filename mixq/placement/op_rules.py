@@ -66,6 +66,7 @@ class OpRules:
     quantize_conv_residual: bool = False  # an Add of two convs: quantize its second input (one conv fuses the Add)
     fixed_output_ranges: Tuple[Tuple[str, float, float], ...] = ()  # (op, lo, hi): output grid set by the op, not data
     share_concat_grid: bool = False  # a Concat's inputs that only it reads take its output's grid (a copy, no requantization)
+    split_hardswish: bool = False  # export HardSwish as x * HardSigmoid(x) (the gate then has a grid of its own)
 
     def fixed_range(self, op_type: str) -> Optional[Tuple[float, float]]:
         """The range an integer ``op_type``'s output is quantized on regardless of data, if any."""
@@ -94,6 +95,7 @@ ONNXRUNTIME = OpRules(
     default_dtype="uint",
     fixed_output_ranges=(("HardSigmoid", 0.0, 1.0),),
     share_concat_grid=True,
+    split_hardswish=True,
 )
 
 TENSORRT = OpRules(

@@ -38,6 +38,7 @@ from ..compressor.model_io import ModelInputs
 from ..compressor.wrapper import unwrapped_copy
 from ..placement.module_map import module_calls
 from ..placement.onnx_export import DEFAULT_EXPORTER, check_exporter, conv_bn_pairs, export_onnx
+from ..placement.op_rules import rules_for
 from ..version import __version__
 from .backends import get_backend, resolve_backend_name
 from .backends.base import Backend, BuildOptions, Engine, EngineFormatError
@@ -191,11 +192,12 @@ class ModelSpeedup:
         pairs = conv_bn_pairs(model, example)
         folds = choose_folds(model, pairs, config, placed=TENSORS_KEY in config)
         kept = [bn for conv, bn in pairs.items() if conv not in folds]
-        exported = export_onnx(model, example, folds, self.exporter, keep=kept)
+        split = rules_for(self.backend_name).split_hardswish
+        exported = export_onnx(model, example, folds, self.exporter, keep=kept, split_hardswish=split)
         calls = module_calls(exported.model, [n for n, _ in model.named_modules()])
         points, edges = locate_grids(model, exported.model, calls, config, example,
                                             lambda m: export_onnx(m, example, folds, self.exporter, keep=kept,
-                                                                  verify=False).model)
+                                                                  verify=False, split_hardswish=split).model)
         self.plan = build_plan(exported.model, calls, exported.folded, model, config, extra, self.extra_layer_bits,
                                points=points, point_edges=edges, float_layers=resolver.float_layers)
         self.annotated_model = annotate(exported.model, self.plan)
