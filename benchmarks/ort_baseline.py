@@ -29,8 +29,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -314,6 +315,24 @@ def time_round_robin(engines: Mapping[str, Union[ModelLike, TimedEngine]], feeds
     """Best-round median latency (seconds) of each engine (:func:`time_rounds`)."""
     return {name: min(v) for name, v in time_rounds(engines, feeds, rounds, runs, warmup, threads,
                                                      min_seconds).items()}
+
+
+def time_interleaved(runs: Mapping[str, Callable[[], object]], alternations: int = 40, warmup: int = 3
+                     ) -> Dict[str, List[float]]:
+    """Seconds of each call when the callables run call by call in this process, rotating which
+    goes first: each alternation sees the same machine load for all of them, so per-alternation
+    ratios (:func:`paired_ratio`) are the steadiest comparison on a shared machine."""
+    names = list(runs)
+    for name in names:
+        for _ in range(warmup):
+            runs[name]()
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for i in range(alternations):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:

@@ -18,8 +18,9 @@ against OpenVINO's own int8 engine of the model (ORT's QDQ model compiled by Ope
 and prints one table: int8 layers as requested, share of multiply-accumulates in integer
 kernels (the report's summary, cross-checked against the kernels of ONNX Runtime's optimized
 graph), latency (each engine in its own process, round-robin in rotating order; each engine's
-median round, and ratios as the median over rounds of the two engines' ratio in that round),
-cosine of the logits
+median round, and ratios as the median over rounds of the two engines' ratio in that round;
+and the same ratios with natural, auto and ORT timed call by call in this process, which on a
+shared machine moves far less than separate processes: ``--alternations``), cosine of the logits
 to the fp32 model on held-out images, and top-1 agreement of the engine with the quantizer's
 own PyTorch simulation.
 
@@ -44,8 +45,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ort_baseline import (INTEGER_MAC_OPS, TimedEngine, cosine, mac_count, optimized_model,  # noqa: E402
-                          ort_quantize_static, paired_ratio, per_image_cosine, run_onnx, time_rounds)
+from ort_baseline import (INTEGER_MAC_OPS, TimedEngine, cosine, mac_count, make_session, optimized_model,  # noqa: E402
+                          ort_quantize_static, paired_ratio, per_image_cosine, run_onnx, time_interleaved,
+                          time_rounds)
 
 from mixq.quantizers import ObserverQuantizer  # noqa: E402
 from mixq.speedup import ModelSpeedup  # noqa: E402
@@ -144,10 +146,17 @@ def measure(name: str, args: argparse.Namespace, tmp: str) -> Dict[str, object]:
     rounds = time_rounds({k: v for k, v in files.items() if k not in ort_models or k == best_ort}, feeds,
                          rounds=args.rounds, threads=args.threads)
     latency = {k: float(np.median(v)) for k, v in rounds.items()}
+    session = make_session(ort_models[best_ort], threads=args.threads)
+    batch = torch.from_numpy(feeds)
+    calls = {"natural": lambda: engines["natural"].inference(batch), "auto": lambda: engines["auto"].inference(batch),
+             "ort": lambda: session.run(None, {"input": feeds})}
+    together = time_interleaved(calls, alternations=args.alternations)
     latency["ort"], outputs["ort"], rounds["ort"] = latency[best_ort], outputs[best_ort], rounds[best_ort]
     ratios = {"natural_vs_ort": paired_ratio(rounds["natural"], rounds["ort"]),
               "auto_vs_ort": paired_ratio(rounds["auto"], rounds["ort"]),
-              "fp32_vs_natural": paired_ratio(rounds["fp32"], rounds["natural"])}
+              "fp32_vs_natural": paired_ratio(rounds["fp32"], rounds["natural"]),
+              "natural_vs_ort_together": paired_ratio(together["natural"], together["ort"]),
+              "auto_vs_ort_together": paired_ratio(together["auto"], together["ort"])}
     kernel_share = {k: integer_mac_share(engines[k]._engine.optimized_model, feeds) for k in ("natural", "auto")}
     kernel_share["ort"] = integer_mac_share(optimized_model(ort_models[best_ort], args.threads), feeds)
     result = {"model": name, "build_s": build_s, "latency": {k: v * 1e3 for k, v in latency.items()}, "ratios": ratios,
@@ -182,12 +191,13 @@ def table(results: List[Dict[str, object]]) -> str:
                      f"{lat['fp32']:.1f}", f"{lat['natural']:.1f}", f"{lat['auto']:.1f}",
                      f"{lat['ort']:.1f} ({r['ort_variant']})",
                      f"{ratio['natural_vs_ort']:.2f}x / {ratio['auto_vs_ort']:.2f}x",
+                     f"{ratio['natural_vs_ort_together']:.2f}x / {ratio['auto_vs_ort_together']:.2f}x",
                      f"{ratio['fp32_vs_natural']:.2f}x",
                      f"{cos['natural']:.4f} / {cos['auto']:.4f} / {cos['ort']:.4f}",
                      f"{icos['natural']:.4f} / {icos['auto']:.4f} / {icos['ort']:.4f}",
                      f"{r['sim_cosine']:.4f}, {r['agreement']:.0%}"])
     headers = ["model", "int8 natural", "int8 auto", "int MACs report (ORT graph) nat/auto/ORT", "fp32 ms", "natural ms", "auto ms",
-               "ORT ms", "vs ORT nat/auto", "int8 vs fp32", "cos to fp32 nat/auto/ORT",
+               "ORT ms", "vs ORT nat/auto", "same, call by call", "int8 vs fp32", "cos to fp32 nat/auto/ORT",
                "median per-image cos nat/auto/ORT", "engine vs sim"]
     return format_table(headers, rows)
 
@@ -209,6 +219,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--alternations", type=int, default=40,
+                        help="call-by-call alternations of natural, auto and ORT in this process")
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--test-images", type=int, default=64)
     parser.add_argument("--no-openvino", dest="openvino", action="store_false",
