@@ -138,7 +138,8 @@ def child(kind: str, path: str, shape: List[int], runs: int, warmup: int, thread
 
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1")  # as mixq's engines: spin
+        so.add_session_config_entry("session.force_spinning_stop", "1")  # only while a run lasts
         session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         feed = {session.get_inputs()[0].name: x.numpy()}
         run = lambda: session.run(None, feed)  # noqa: E731

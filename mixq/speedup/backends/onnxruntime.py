@@ -2,9 +2,10 @@
 
 The annotated graph is refined for ONNX Runtime's x86 integer kernels without changing what it
 computes (:mod:`.ort_refiner`: u8 activations, ReLUs fused, conv shapes its fast kernels take,
-fp16 layers in fp32). The session runs with an explicit thread count, thread-pool spinning
-disabled and the ONNX Runtime passes that would reinterpret the graph off (see
-``DISABLED_OPTIMIZERS``). The optimized graph ONNX Runtime actually runs
+fp16 layers in fp32), and each integer conv is put on whichever of ONNX Runtime's two conv
+kernels ran it faster on this CPU (:mod:`.ort_conv_kernels`, timed at build time). The session
+runs with an explicit thread count, threads spinning only while a run lasts, and the ONNX
+Runtime passes that would reinterpret the graph off (see ``DISABLED_OPTIMIZERS``). The optimized graph ONNX Runtime actually runs
 (``optimized_model_filepath``) is read back (:mod:`.ort_precision`) to report, per node,
 whether it became an integer kernel or stayed float. The graph carries inferred shapes
 (``value_info``), which ONNX Runtime's fusions and the attention fusion read: float attention
@@ -24,6 +25,7 @@ from onnx import helper
 
 from .base import Backend, BackendUnavailable, BuildOptions, Engine
 from .ort_attention_fusion import FUSED_KEY, fuse_attention
+from .ort_conv_kernels import tune_conv_kernels, tuning_feeds
 from .ort_precision import node_precisions_from_optimized
 from .ort_refiner import ABSORBED_KEY, refine_for_onnxruntime
 
@@ -50,6 +52,29 @@ def _import_ort():
     return onnxruntime
 
 
+def make_session(model_bytes: bytes, options: BuildOptions, directory: str, profile: bool = False):
+    """An ONNX Runtime CPU session as engines run it: explicit thread count, threads spinning
+    only during a run, the passes in ``DISABLED_OPTIMIZERS`` off; the optimized graph is written to
+    ``directory/optimized.onnx`` and, with ``profile``, the profile into ``directory``."""
+    ort = _import_ort()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(options.num_threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # threads spin while a run lasts (ONNX Runtime's default: a run hands work to them dozens of
+    # times per layer, and waking a sleeping thread each time cost the GEMM kernel 20-40%) and stop
+    # when it returns, so an idle engine takes no CPU from other sessions or processes
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    so.add_session_config_entry("session.force_spinning_stop", "1")
+    so.log_severity_level = 3  # the optimized-model dump warns about hardware-specific nodes
+    so.optimized_model_filepath = os.path.join(directory, "optimized.onnx")
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(directory, "profile")
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=DISABLED_OPTIMIZERS)
+
 
 class OnnxRuntimeEngine(Engine):
     """An ONNX Runtime inference session over the refined annotated graph."""
@@ -57,21 +82,10 @@ class OnnxRuntimeEngine(Engine):
     backend = "onnxruntime"
 
     def __init__(self, model_bytes: bytes, options: BuildOptions) -> None:
-        ort = _import_ort()
         self._bytes = model_bytes
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = int(options.num_threads)
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        so.log_severity_level = 3  # the optimized-model dump warns about hardware-specific nodes
         with tempfile.TemporaryDirectory(prefix="mixq-ort-") as tmp:
-            so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-            self.session = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"],
-                                                disabled_optimizers=DISABLED_OPTIMIZERS)
-            optimized = onnx.load(so.optimized_model_filepath)
+            self.session = make_session(model_bytes, options, tmp)
+            optimized = onnx.load(os.path.join(tmp, "optimized.onnx"))
         refined = onnx.load_from_string(model_bytes)
         self._precisions = node_precisions_from_optimized(refined, optimized)
         props = {p.key: p.value for p in refined.metadata_props}
@@ -109,6 +123,8 @@ class OnnxRuntimeBackend(Backend):
     def build(self, model: onnx.ModelProto, options: BuildOptions) -> OnnxRuntimeEngine:
         refined, absorbed = refine_for_onnxruntime(model)
         refined, fused = fuse_attention(_with_shapes(refined))
+        refined, _ = tune_conv_kernels(refined, lambda data, tmp: make_session(data, options, tmp, profile=True),
+                                       tuning_feeds(refined, options.opt_batch))
         helper.set_model_props(refined, {**{p.key: p.value for p in refined.metadata_props},
                                          ABSORBED_KEY: json.dumps(absorbed), FUSED_KEY: json.dumps(fused)})
         return OnnxRuntimeEngine(refined.SerializeToString(), options)
