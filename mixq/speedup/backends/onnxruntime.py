@@ -26,6 +26,7 @@ from onnx import helper
 from .base import Backend, BackendUnavailable, BuildOptions, Engine
 from .ort_attention_fusion import FUSED_KEY, fuse_attention
 from .ort_conv_kernels import tune_conv_kernels, tuning_feeds
+from .ort_gate_tile import tile_broadcast_gates
 from .ort_precision import node_precisions_from_optimized
 from .ort_refiner import ABSORBED_KEY, refine_for_onnxruntime
 
@@ -123,6 +124,7 @@ class OnnxRuntimeBackend(Backend):
     def build(self, model: onnx.ModelProto, options: BuildOptions) -> OnnxRuntimeEngine:
         refined, absorbed = refine_for_onnxruntime(model)
         refined, fused = fuse_attention(_with_shapes(refined))
+        refined = tile_broadcast_gates(refined)
         refined, _ = tune_conv_kernels(refined, lambda data, tmp: make_session(data, options, tmp, profile=True),
                                        tuning_feeds(refined, options.opt_batch))
         helper.set_model_props(refined, {**{p.key: p.value for p in refined.metadata_props},
