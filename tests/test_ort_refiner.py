@@ -85,6 +85,34 @@ def conv_relu_q(grid_zp: int):
     return g.build(y)
 
 
+@pytest.mark.parametrize("activation", ["Relu", "Clip"])
+def test_activation_before_a_symmetric_quantize_moves_after_it_as_a_clip_of_codes(activation):
+    """A symmetric grid after a ReLU / ReLU6 (zero point mid-range) cannot absorb it into the
+    conv: the Q moves before the activation, which becomes a Clip of the uint8 codes. The codes
+    are the same, and ONNX Runtime runs the conv as QLinearConv instead of a float conv (it did
+    before: FusedConv, float Relu)."""
+    rng = np.random.default_rng(3)
+    g = QDQGraph([None, 4, 8, 8])
+    x = g.qdq("input", IN_SCALE, U8_ZERO)
+    codes, scales, bias, bias_scales = random_conv(rng, 16, 4, 3, IN_SCALE)
+    y = g.node("Conv", [x, g.weight(codes, scales), g.bias(bias, bias_scales)], name="conv", pads=[1, 1, 1, 1])
+    bounds = [g.const(np.float32(0.0)), g.const(np.float32(0.3))] if activation == "Clip" else []
+    y = g.qdq(g.node(activation, [y] + bounds, name="act"), ACT_SCALE / 20, 0)
+    model = g.build(y)
+    refined, absorbed = refine_for_onnxruntime(model)
+    assert "act" not in absorbed and nodes_by_name(refined)["act"].op_type == "Clip"
+    x = np.random.default_rng(4).uniform(0, 1, size=(3, 4, 8, 8)).astype(np.float32)
+    expected = run(model, x)
+    assert (expected == 0).any() and (expected > 0).any() and expected.max() <= (0.3 if activation == "Clip" else 7)
+    np.testing.assert_array_equal(run(refined, x), expected)
+    np.testing.assert_array_equal(run(refined, x, optimize=True), expected)
+    optimized = optimized_graph(refined, DISABLED_OPTIMIZERS)
+    kinds = op_types(optimized)
+    assert kinds.get("QLinearConv") == 1 and not {"Conv", "FusedConv", "Relu"} & set(kinds)
+    precisions = node_precisions_from_optimized(refined, optimized)
+    assert precisions["conv"] == precisions["act"] == "int8"
+
+
 @pytest.mark.parametrize("zp, absorbed", [(U8_ZERO, True), (0, False)])
 def test_relu_before_a_quantize_that_clips_there_is_absorbed(zp, absorbed):
     model = conv_relu_q(zp)

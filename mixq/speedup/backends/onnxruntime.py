@@ -125,8 +125,8 @@ class OnnxRuntimeBackend(Backend):
         refined, absorbed = refine_for_onnxruntime(model)
         refined, fused = fuse_attention(_with_shapes(refined))
         refined = tile_broadcast_gates(refined)
-        refined, _ = tune_conv_kernels(refined, lambda data, tmp: make_session(data, options, tmp, profile=True),
-                                       tuning_feeds(refined, options.opt_batch))
+        refined = tune_conv_kernels(refined, lambda data, tmp: make_session(data, options, tmp, profile=True),
+                                    tuning_feeds(refined, options.opt_batch))
         helper.set_model_props(refined, {**{p.key: p.value for p in refined.metadata_props},
                                          ABSORBED_KEY: json.dumps(absorbed), FUSED_KEY: json.dumps(fused)})
         return OnnxRuntimeEngine(refined.SerializeToString(), options)

@@ -3,9 +3,10 @@
 ONNX Runtime's x86 QLinearConv has two kernels for int8 weights: with every weight zero point 0
 a direct "symmetric" convolution (AVX512-VNNI / AVX-VNNI), with any other zero point im2col and
 its integer GEMM, which runs on AMX tiles where the CPU has them. Which one is faster depends on
-the CPU and on the conv: on one AMX Xeon the GEMM ran ResNet-50's 3x3 and deep 1x1 convs up to
-2.2x faster and MobileNetV2's depthwise and pointwise convs 2x slower; on another the GEMM lost
-on most ResNet-50 convs. Codes ``w`` with zero point 0 and codes ``w - 1`` with zero point -1 are
+the CPU, the conv and the threading: on one AMX Xeon (threads spinning during a run, as engines
+run) the GEMM ran ResNet-50's 3x3 and deep 1x1 convs up to 2.2x faster and MobileNetV2's
+depthwise and pointwise convs 2x slower; with threads sleeping between parallel sections it lost
+on most ResNet-50 convs, as it did on another Xeon. Codes ``w`` with zero point 0 and codes ``w - 1`` with zero point -1 are
 the same weights (symmetric codes lie in [-127, 127], so ``w - 1`` fits in int8), and the integer
 accumulation is exact, so both kernels give bit-identical outputs. The builder profiles the
 model once in each form with ONNX Runtime's own profiler (per-node kernel times, median over
@@ -21,7 +22,7 @@ import os
 import tempfile
 import time
 from collections import defaultdict
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -142,13 +143,12 @@ def profile_conv_times(forms: Sequence[onnx.ModelProto], make_session: SessionFa
 
 
 def tune_conv_kernels(model: onnx.ModelProto, make_session: SessionFactory,
-                      feeds: Optional[Dict[str, np.ndarray]]) -> Tuple[onnx.ModelProto, List[str]]:
+                      feeds: Optional[Dict[str, np.ndarray]]) -> onnx.ModelProto:
     """``model`` with each integer conv on the faster of ONNX Runtime's two kernels (see the
-    module docstring), and the weight initializers moved to the GEMM kernel. Unchanged where it
-    has no such conv or ``feeds`` is None."""
+    module docstring); unchanged where it has no such conv or ``feeds`` is None."""
     weights = symmetric_conv_weights(model)
     if not weights or feeds is None:
-        return model, []
+        return model
     symmetric, gemm = profile_conv_times([model, with_gemm_weights(model, weights)], make_session, feeds)
     moved = sorted(w for w in weights if w in symmetric and w in gemm and gemm[w] < GEMM_MARGIN * symmetric[w])
     timed = [w for w in weights if w in symmetric and w in gemm]
@@ -156,9 +156,7 @@ def tune_conv_kernels(model: onnx.ModelProto, make_session: SessionFactory,
     after = sum(gemm[w] if w in moved else symmetric[w] for w in timed) / 1e3
     logger.info("ONNX Runtime conv kernels: %d of %d integer convs run faster on the GEMM kernel on this CPU "
                 "(profiled conv time %.2f -> %.2f ms)", len(moved), len(timed), before, after)
-    if not moved:
-        return model, []
-    return with_gemm_weights(model, {w: weights[w] for w in moved}), moved
+    return with_gemm_weights(model, {w: weights[w] for w in moved}) if moved else model
 
 
 __all__ = ["GEMM_MARGIN", "profile_conv_times", "symmetric_conv_weights", "tune_conv_kernels", "tuning_feeds",

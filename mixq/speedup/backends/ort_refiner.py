@@ -10,6 +10,9 @@ without changing what it computes:
   (affine uint8 ranges starting at 0) is dropped: the codes are already non-negative, the
   integer kernel before it saturates for it;
 * a ReLU followed by a MaxPool on the same grid moves after the pool (they commute);
+* a ReLU/Clip between an op and a Q whose grid does not start at the activation's floor (a
+  symmetric range) moves after the Q as a Clip of the uint8 codes (exact: Q is monotone), so the
+  op before it still ends in a Q and runs as an integer kernel;
 * a conv with fewer than 4 input channels followed by a 2x2 max-pool is rewritten through
   SpaceToDepth, conv output channels are zero-padded to a multiple of 16 where the next
   layer absorbs them and other input channels to a multiple of 4 (a zero-point Pad), so ONNX
@@ -25,7 +28,7 @@ without changing what it computes:
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -174,6 +177,36 @@ class _Refiner:
             self.absorbed.add(node.name)
         self._prune()
 
+    def quantize_before_activation(self) -> None:
+        """Op -> ReLU/Clip -> Q whose grid does not start at the activation's floor (a symmetric
+        int8 range after a ReLU) becomes Op -> Q -> Clip of the uint8 codes: Q is monotone and
+        maps 0 (and the Clip's bounds) to codes, so Q(clip(y, lo, hi)) == clip(Q(y), Q(lo), Q(hi))
+        for every y. The op before then ends in a Q, as ONNX Runtime's integer kernels need
+        (QLinearConv, QLinearAdd), instead of running in float for the activation's sake."""
+        changed = False
+        for act in list(self.model.graph.node):
+            q = self._q_after(act) if act.op_type in ("Relu", "Clip") else None
+            producer = self.producer.get(act.input[0]) if q is not None else None
+            if producer is None or producer.op_type == "DequantizeLinear" or q.input[1] not in self.inits \
+                    or len(q.input) < 3 or self.inits.get(q.input[2]) is None \
+                    or self.inits[q.input[2]].data_type != TensorProto.UINT8:
+                continue
+            bounds = (0.0, None) if act.op_type == "Relu" else self._constant_bounds(act)
+            if bounds is None:
+                continue
+            scale, zp = self._grid(q)
+            codes = [0 if bounds[0] is None else _quantize_u8(bounds[0], scale, zp),
+                     255 if bounds[1] is None else _quantize_u8(bounds[1], scale, zp)]
+            limits = [self._const_u8(f"{act.name}/code_{side}", c) for side, c in zip(("min", "max"), codes)]
+            out = q.output[0]
+            q.input[0], q.output[0] = act.input[0], f"{out}/before_{act.op_type}"
+            self.model.graph.node.append(helper.make_node("Clip", [q.output[0]] + limits, [out], act.name))
+            self.absorbed.discard(act.name)
+            changed = True
+        if changed:
+            self._prune()
+            self._toposort()
+
     def _prune(self) -> None:
         graph = self.model.graph
         while True:
@@ -264,13 +297,20 @@ class _Refiner:
             del node.attribute[:]
             node.attribute.append(helper.make_attribute("alpha", 0.0))
 
-    def _clip_is_relu(self, node: onnx.NodeProto, scale: float, zp: int) -> bool:
-        bounds = [None, None]
-        for i, name in enumerate(node.input[1:3]):
+    def _constant_bounds(self, clip: onnx.NodeProto) -> Optional[Tuple[Optional[float], Optional[float]]]:
+        """A Clip's (min, max), None for an absent bound; None where a bound is not a constant."""
+        bounds: List[Optional[float]] = [None, None]
+        for i, name in enumerate(clip.input[1:3]):
             if name:
                 if name not in self.constants:
-                    return False
+                    return None
                 bounds[i] = float(numpy_helper.to_array(self.constants[name]))
+        return bounds[0], bounds[1]
+
+    def _clip_is_relu(self, node: onnx.NodeProto, scale: float, zp: int) -> bool:
+        bounds = self._constant_bounds(node)
+        if bounds is None:
+            return False
         lo, hi = bounds
         # the upper bound only matters if it changes a code: above code 254.5 it quantizes back to
         # 255 (a ReLU6 calibrated to exactly [0, 6] has hi == 255 * scale up to float rounding)
@@ -326,6 +366,7 @@ class _Refiner:
         self.drop_identity_requantization()
         self.pool_before_relu()
         self.relu_into_quantize()
+        self.quantize_before_activation()
         self.align_conv_channels()
         self.relu_to_lookup()
         self.clip_codes()
