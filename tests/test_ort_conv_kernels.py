@@ -16,8 +16,8 @@ from qdq_graphs import QDQGraph, optimized_graph, random_conv, run
 from mixq.speedup import ModelSpeedup
 from mixq.speedup.backends.base import BuildOptions
 from mixq.speedup.backends.onnxruntime import make_session
-from mixq.speedup.backends.ort_conv_kernels import (profile_conv_times, symmetric_conv_weights, tuning_feeds,
-                                                    with_gemm_weights)
+from mixq.speedup.backends.ort_conv_kernels import (GEMM_MARGIN, faster_on_gemm, profile_conv_times,
+                                                    symmetric_conv_weights, tuning_feeds, with_gemm_weights)
 from mixq.speedup.backends.ort_refiner import refine_for_onnxruntime
 
 
@@ -173,3 +173,17 @@ def test_engine_outputs_do_not_depend_on_the_kernels_chosen():
     np.testing.assert_array_equal(engine.inference(x)[0].numpy(), expected)
     assert loaded._engine.serialize() == engine._engine.serialize()
     np.testing.assert_array_equal(loaded.inference(x)[0].numpy(), expected)
+
+
+def test_a_conv_moves_only_when_clearly_faster_on_the_gemm_kernel():
+    symmetric = {"a": 100.0, "b": 100.0, "c": 100.0, "d": 50.0}
+    gemm = {"a": 60.0, "b": 95.0, "c": 140.0}  # d: not timed in the GEMM form
+    assert faster_on_gemm(symmetric, gemm) == ["a"]  # b's 5% is within the margin, c is slower
+    assert faster_on_gemm(symmetric, {"a": 100.0 * GEMM_MARGIN}) == []  # at the margin: stays
+
+
+def test_inputs_that_cannot_be_synthesised_skip_tuning():
+    shapeless = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [shapeless], [out]))
+    assert tuning_feeds(model, 4) is None

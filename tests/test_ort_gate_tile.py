@@ -68,6 +68,16 @@ def test_a_gate_read_elsewhere_is_kept_beside_the_tiled_one():
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_gate_that_is_also_a_graph_output_stays_in_the_graph():
+    model = _gate_product()
+    model.graph.output.append(helper.make_tensor_value_info("g", TensorProto.FLOAT, [2, 16, 1, 1]))
+    tiled = tile_broadcast_gates(_copy(model))
+    onnx.checker.check_model(tiled)
+    x = np.random.default_rng(2).normal(0, 2, (2, 16, 8, 8)).astype(np.float32)
+    for a, b in zip(_outputs(model, x), _outputs(tiled, x)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_products_that_are_not_quantized_gates_are_left_alone():
     for model in (_gate_product(q_after=False), _gate_product(size=1)):
         assert "Tile" not in op_types(tile_broadcast_gates(_copy(model)))

@@ -8,6 +8,7 @@ optimized graph ONNX Runtime writes out holds (which kernels read which weights)
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from onnx import TensorProto, numpy_helper
@@ -272,3 +273,26 @@ def test_unfused_quantized_layers_read_as_fp32():
     precisions = node_precisions_from_optimized(refined, refined)
     assert precisions["int_conv"] == precisions["float_conv"] == precisions["add"] == "fp32"
     assert precisions["sigmoid"] == precisions["pool"] == "fp32"  # their Qs are still there, float in between
+
+
+def test_unnamed_activations_keep_their_own_code_bounds():
+    """Two unnamed ReLU6-like Clips with different bounds before symmetric grids: each becomes a
+    Clip of codes with its own bounds (names come from the unique tensor names, not the nodes')."""
+    rng = np.random.default_rng(5)
+    g = QDQGraph([None, 4, 8, 8])
+    x = g.qdq("input", IN_SCALE, U8_ZERO)
+    outs = []
+    for top in (0.5, 0.1):
+        codes, scales, bias, bias_scales = random_conv(rng, 16, 4, 3, IN_SCALE)
+        y = g.node("Conv", [x, g.weight(codes, scales), g.bias(bias, bias_scales)], pads=[1, 1, 1, 1])
+        y = g.node("Clip", [y, g.const(np.float32(0.0)), g.const(np.float32(top))])
+        outs.append(g.qdq(y, ACT_SCALE / 20, 0))
+    model = g.build(g.node("Concat", outs, axis=1))
+    for node in model.graph.node:
+        if node.op_type == "Clip":
+            node.name = ""
+    refined, _ = refine_for_onnxruntime(model)
+    onnx.checker.check_model(refined)
+    assert op_types(refined).get("Clip") == 2
+    xs = np.random.default_rng(6).uniform(0, 1, size=(2, 4, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(run(refined, xs), run(model, xs))

@@ -64,7 +64,8 @@ def tile_broadcast_gates(model: onnx.ModelProto) -> onnx.ModelProto:
     shapes = _static_shapes(model)
     products = _gate_products(model, graph, shapes)
     # a gate DequantizeLinear that only its product reads is replaced, not kept beside the new one
-    replaced = {id(dq) for _, dq in products.values() if len(graph.readers(dq.output[0])) == 1}
+    replaced = {id(dq) for _, dq in products.values()
+                if len(graph.readers(dq.output[0])) == 1 and dq.output[0] not in graph.outputs}
     nodes = []
     for node in model.graph.node:
         if id(node) in replaced:

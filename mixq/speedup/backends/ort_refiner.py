@@ -129,7 +129,7 @@ class _Refiner:
                 continue
             # Q(clip(DQ(c), lo, hi)) == clamp(c, Q(lo), Q(hi)) for every code c: Q is monotone
             codes = [_quantize_u8(numpy_helper.to_array(self.constants[n]), scale, zp) for n in clip.input[1:]]
-            bounds = [self._const_u8(f"{clip.name}/code_{side}", c) for side, c in zip(("min", "max"), codes)]
+            bounds = [self._const_u8(f"{q.output[0]}/code_{side}", c) for side, c in zip(("min", "max"), codes)]
             clip.input[0], clip.input[1], clip.input[2] = dq.input[0], bounds[0], bounds[1]
             clip.output[0] = q.output[0]
             q.output[0] = f"{q.output[0]}/unused"
@@ -197,8 +197,8 @@ class _Refiner:
             scale, zp = self._grid(q)
             codes = [0 if bounds[0] is None else _quantize_u8(bounds[0], scale, zp),
                      255 if bounds[1] is None else _quantize_u8(bounds[1], scale, zp)]
-            limits = [self._const_u8(f"{act.name}/code_{side}", c) for side, c in zip(("min", "max"), codes)]
-            out = q.output[0]
+            out = q.output[0]  # unique, unlike node names (which may be empty)
+            limits = [self._const_u8(f"{out}/code_{side}", c) for side, c in zip(("min", "max"), codes)]
             q.input[0], q.output[0] = act.input[0], f"{out}/before_{act.op_type}"
             self.model.graph.node.append(helper.make_node("Clip", [q.output[0]] + limits, [out], act.name))
             self.absorbed.discard(act.name)
