@@ -60,7 +60,8 @@ def test_gemm_form_holds_the_same_weights():
     assert before.keys() == after.keys() == weights.keys()
     for name in weights:
         np.testing.assert_array_equal(after[name], before[name])
-        np.testing.assert_array_equal(_initializer(gemm, name).astype(np.int16), _initializer(model, name).astype(np.int16) - 1)
+        np.testing.assert_array_equal(_initializer(gemm, name).astype(np.int16),
+                                      _initializer(model, name).astype(np.int16) - 1)
     dq_zero_points = [n.input[2] for n in gemm.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights]
     assert all((_initializer(gemm, z) == -1).all() and _initializer(gemm, z).dtype == np.int8 for z in dq_zero_points)
     assert symmetric_conv_weights(gemm) == {}  # nothing left to move

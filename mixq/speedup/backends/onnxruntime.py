@@ -5,9 +5,10 @@ computes (:mod:`.ort_refiner`: u8 activations, ReLUs fused, conv shapes its fast
 fp16 layers in fp32), and each integer conv is put on whichever of ONNX Runtime's two conv
 kernels ran it faster on this CPU (:mod:`.ort_conv_kernels`, timed at build time). The session
 runs with an explicit thread count, threads spinning only while a run lasts, and the ONNX
-Runtime passes that would reinterpret the graph off (see ``DISABLED_OPTIMIZERS``). The optimized graph ONNX Runtime actually runs
-(``optimized_model_filepath``) is read back (:mod:`.ort_precision`) to report, per node,
-whether it became an integer kernel or stayed float. The graph carries inferred shapes
+Runtime passes that would reinterpret the graph off (see ``DISABLED_OPTIMIZERS``). The optimized
+graph ONNX Runtime actually runs (``optimized_model_filepath``) is read back
+(:mod:`.ort_precision`) to report, per node, whether it became an integer kernel or stayed
+float. The graph carries inferred shapes
 (``value_info``), which ONNX Runtime's fusions and the attention fusion read: float attention
 cores become its fused MultiHeadAttention kernel (:mod:`.ort_attention_fusion`).
 """
@@ -25,7 +26,7 @@ from onnx import helper
 
 from .base import Backend, BackendUnavailable, BuildOptions, Engine
 from .ort_attention_fusion import FUSED_KEY, fuse_attention
-from .ort_conv_kernels import tune_conv_kernels, tuning_feeds
+from .ort_conv_kernels import tune_conv_kernels
 from .ort_gate_tile import tile_broadcast_gates
 from .ort_precision import node_precisions_from_optimized
 from .ort_refiner import ABSORBED_KEY, refine_for_onnxruntime
@@ -126,7 +127,7 @@ class OnnxRuntimeBackend(Backend):
         refined, fused = fuse_attention(_with_shapes(refined))
         refined = tile_broadcast_gates(refined)
         refined = tune_conv_kernels(refined, lambda data, tmp: make_session(data, options, tmp, profile=True),
-                                    tuning_feeds(refined, options.opt_batch))
+                                    options.opt_batch)
         helper.set_model_props(refined, {**{p.key: p.value for p in refined.metadata_props},
                                          ABSORBED_KEY: json.dumps(absorbed), FUSED_KEY: json.dumps(fused)})
         return OnnxRuntimeEngine(refined.SerializeToString(), options)

@@ -6,8 +6,9 @@ its integer GEMM, which runs on AMX tiles where the CPU has them. Which one is f
 the CPU, the conv and the threading: on one AMX Xeon (threads spinning during a run, as engines
 run) the GEMM ran ResNet-50's 3x3 and deep 1x1 convs up to 2.2x faster and MobileNetV2's
 depthwise and pointwise convs 2x slower; with threads sleeping between parallel sections it lost
-on most ResNet-50 convs, as it did on another Xeon. Codes ``w`` with zero point 0 and codes ``w - 1`` with zero point -1 are
-the same weights (symmetric codes lie in [-127, 127], so ``w - 1`` fits in int8), and the integer
+on most ResNet-50 convs, as it did on another Xeon. Codes ``w`` with zero point 0 and codes
+``w - 1`` with zero point -1 are the same weights (symmetric codes lie in [-127, 127], so
+``w - 1`` fits in int8), and the integer
 accumulation is exact, so both kernels give bit-identical outputs. The builder profiles the
 model once in each form with ONNX Runtime's own profiler (per-node kernel times, median over
 runs, the two sessions called alternately) and moves a conv to the GEMM form only where it ran
@@ -145,12 +146,13 @@ def profile_conv_times(forms: Sequence[onnx.ModelProto], make_session: SessionFa
         return [_conv_times(session.end_profiling(), opt) for session, opt in zip(sessions, optimized)]
 
 
-def tune_conv_kernels(model: onnx.ModelProto, make_session: SessionFactory,
-                      feeds: Optional[Dict[str, np.ndarray]]) -> onnx.ModelProto:
+def tune_conv_kernels(model: onnx.ModelProto, make_session: SessionFactory, batch: int) -> onnx.ModelProto:
     """``model`` with each integer conv on the faster of ONNX Runtime's two kernels (see the
-    module docstring); unchanged where it has no such conv or ``feeds`` is None."""
+    module docstring), timed at ``batch``; unchanged where it has no such conv or
+    :func:`tuning_feeds` cannot make its inputs."""
     weights = symmetric_conv_weights(model)
-    if not weights or feeds is None:
+    feeds = tuning_feeds(model, batch) if weights else None
+    if feeds is None:
         return model
     try:
         symmetric, gemm = profile_conv_times([model, with_gemm_weights(model, weights)], make_session, feeds)
@@ -173,5 +175,5 @@ def faster_on_gemm(symmetric: Mapping[str, float], gemm: Mapping[str, float]) ->
     return sorted(w for w in symmetric if w in gemm and gemm[w] < GEMM_MARGIN * symmetric[w])
 
 
-__all__ = ["GEMM_MARGIN", "faster_on_gemm", "profile_conv_times", "symmetric_conv_weights", "tune_conv_kernels", "tuning_feeds",
-           "with_gemm_weights"]
+__all__ = ["GEMM_MARGIN", "faster_on_gemm", "profile_conv_times", "symmetric_conv_weights", "tune_conv_kernels",
+           "tuning_feeds", "with_gemm_weights"]

@@ -19,13 +19,7 @@ from onnx import helper, numpy_helper
 from ...placement.onnx_graph import OnnxGraph
 
 
-def _static_shapes(model: onnx.ModelProto) -> Dict[str, List[int]]:
-    """Inferred shapes from ``value_info`` (0 for an axis of unknown size)."""
-    return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-            for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
-
-
-def _gate_index(node: onnx.NodeProto, shapes: Dict[str, List[int]]) -> Optional[int]:
+def _gate_index(node: onnx.NodeProto, shapes: Dict[str, List[Optional[int]]]) -> Optional[int]:
     """Which input of a Mul is a ``[N, C, 1, 1]`` gate over the other's ``[N, C, H, W]`` (C, H, W
     known, H * W > 1, the same N), or None."""
     if len(node.input) != 2:
@@ -34,18 +28,17 @@ def _gate_index(node: onnx.NodeProto, shapes: Dict[str, List[int]]) -> Optional[
     if not a or not b or len(a) != 4 or len(b) != 4:
         return None
     for gate, full, index in ((b, a, 1), (a, b, 0)):
-        if gate[2:] == [1, 1] and full[2] > 0 and full[3] > 0 and full[2] * full[3] > 1 and gate[1] == full[1] > 0 \
+        if gate[2:] == [1, 1] and full[2] and full[3] and full[2] * full[3] > 1 and gate[1] and gate[1] == full[1] \
                 and gate[0] == full[0]:  # the same batch (or both of run-time size)
             return index
     return None
 
 
-def _gate_products(model: onnx.ModelProto, graph: OnnxGraph,
-                   shapes: Dict[str, List[int]]) -> Dict[int, Tuple[int, onnx.NodeProto]]:
+def _gate_products(model: onnx.ModelProto, graph: OnnxGraph) -> Dict[int, Tuple[int, onnx.NodeProto]]:
     """``{id(Mul): (gate input index, gate DequantizeLinear)}`` of the quantized gate products."""
     found = {}
     for node in model.graph.node:
-        index = _gate_index(node, shapes) if node.op_type == "Mul" else None
+        index = _gate_index(node, graph.shapes) if node.op_type == "Mul" else None
         if index is None:
             continue
         readers = graph.readers(node.output[0])
@@ -58,11 +51,10 @@ def _gate_products(model: onnx.ModelProto, graph: OnnxGraph,
 
 def tile_broadcast_gates(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with each quantized per-channel gate product (DQ(feature map) * DQ(gate) -> Q)
-    reading the gate's codes tiled to the feature map's shape (see the module docstring). Needs
-    the graph's inferred shapes; other nodes are unchanged."""
+    reading the gate's codes tiled to the feature map's shape (see the module docstring), where
+    shape inference gives both shapes; other nodes are unchanged."""
     graph = OnnxGraph(model)
-    shapes = _static_shapes(model)
-    products = _gate_products(model, graph, shapes)
+    products = _gate_products(model, graph)
     # a gate DequantizeLinear that only its product reads is replaced, not kept beside the new one
     replaced = {id(dq) for _, dq in products.values()
                 if len(graph.readers(dq.output[0])) == 1 and dq.output[0] not in graph.outputs}
@@ -72,7 +64,7 @@ def tile_broadcast_gates(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         if id(node) in products:
             index, dq = products[id(node)]
-            height, width = shapes[node.input[1 - index]][2:]
+            height, width = graph.shapes[node.input[1 - index]][2:]
             stem = node.name or node.output[0]
             repeats = numpy_helper.from_array(np.array([1, 1, height, width], np.int64), f"{stem}/gate_repeats")
             model.graph.initializer.append(repeats)
