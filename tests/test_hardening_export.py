@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 from mixq.speedup import ModelSpeedup
-from mixq.placement.export_check import RTOL, ExportMismatchError, _session, verification_batches
+from mixq.placement.export_check import (LOOSE_FACTOR, MAX_TOLERANCE, NOISE_FACTOR, RTOL, ExportMismatchError, _session,
+                                         rounding_tolerance, verification_batches)
 from mixq.placement.onnx_export import export_onnx, quiet_export
 
 
@@ -142,14 +143,14 @@ def test_a_tracer_warning_on_a_correct_graph_is_logged(caplog):
 class Chaotic(nn.Module):
     """Eight sin(Linear) layers that multiply float32 rounding differences, as a deep random
     network does: ONNX Runtime and torch differ by over 0.1% of the output, and so does torch in
-    float32 against torch in float64."""
+    float32 against torch in float64 (with ``std=1.3``, by a quarter of the output)."""
 
-    def __init__(self) -> None:
+    def __init__(self, std: float = 1.0) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(8))
         for layer in self.layers:
-            nn.init.normal_(layer.weight, std=1.0)
+            nn.init.normal_(layer.weight, std=std)
 
     def forward(self, x):
         for layer in self.layers:
@@ -168,6 +169,30 @@ def test_float32_rounding_amplified_by_the_model_is_not_a_broken_trace(caplog):
     with caplog.at_level(logging.INFO, logger="mixq.placement.export_check"):
         export_onnx(model, (torch.randn(2, 32),), {})
     assert any("float32 rounding only" in r.getMessage() for r in caplog.records)
+
+
+def test_rounding_tolerance_grows_with_the_models_own_float32_error():
+    assert rounding_tolerance(0.0) == RTOL
+    assert rounding_tolerance(0.002) == pytest.approx(NOISE_FACTOR * 0.002)
+    assert rounding_tolerance(0.03) == MAX_TOLERANCE  # capped: up to here a broken trace still shows
+    assert rounding_tolerance(0.27) == pytest.approx(LOOSE_FACTOR * 0.27)  # EfficientNet-B0 at 224, random weights
+    grid = np.linspace(0, 1, 201)
+    assert np.all(np.diff([rounding_tolerance(n) for n in grid]) >= 0)
+
+
+def test_a_model_whose_own_float32_error_exceeds_the_cap_exports_with_a_warning(caplog):
+    model = Chaotic(std=1.3).eval()
+    exported = export_onnx(model, (torch.randn(2, 32),), {}, verify=False)
+    errors = []
+    for batch in verification_batches([torch.randn(2, 32)]):
+        with torch.no_grad():
+            expected = model(batch[0]).numpy()
+        actual = _session(exported.model).run(None, {"input": batch[0].numpy()})[0]
+        errors.append(np.abs(actual - expected).max() / np.abs(expected).max())
+    assert max(errors) > MAX_TOLERANCE  # a tolerance capped at MAX_TOLERANCE refused this correct graph
+    with caplog.at_level(logging.WARNING, logger="mixq.placement.export_check"):
+        export_onnx(model, (torch.randn(2, 32),), {})
+    assert any("amplifies float32 rounding" in r.getMessage() for r in caplog.records)
 
 
 def test_a_traceable_model_exports_without_warnings(caplog, trained_mnist):

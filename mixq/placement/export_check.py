@@ -11,8 +11,10 @@ TracerWarnings (which say where in the forward the trace broke).
 
 A deep network can amplify float32 rounding (random weights, off-distribution inputs): where the
 graph is off by more than :data:`RTOL`, the model is run once more in float64, and the graph is
-accepted when it is within :data:`NOISE_FACTOR` times torch's own float32 error (at most
-:data:`MAX_TOLERANCE`: beyond that the comparison cannot tell a broken trace from rounding).
+accepted when it is within :data:`NOISE_FACTOR` times torch's own float32 error, at most
+:data:`MAX_TOLERANCE`. A model whose own float32 error alone is that large (a random-weight
+EfficientNet-B0 at 224x224: 27% of its largest logit) cannot be held to it: its graph is accepted
+within :data:`LOOSE_FACTOR` times that error, with a warning that the check was that coarse.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ VERIFY_BATCH = 3  # then 1: not the example's batch size, so a batch size baked 
 RTOL = 1e-3       # of the output's largest magnitude; fp32 kernels differ by ~1e-6
 NOISE_FACTOR = 10  # a graph within this many times torch's own float32 error (vs float64) matches
 MAX_TOLERANCE = 0.1
+LOOSE_FACTOR = 2  # a model whose float32 error exceeds MAX_TOLERANCE: within this many times it
 _MAX_PROTO = 2 ** 31 - 1
 FIX = ("make the forward traceable: keep the computation in torch operations on the input tensors (no .numpy(), "
        ".item(), float(x) or Python conditions on tensor values)")
@@ -71,6 +74,12 @@ def _mismatch(name: str, expected: np.ndarray, actual: np.ndarray, tolerance: fl
         return f"{wrong:.0%} of output {name!r} differs" if wrong else None
     error = _relative_error(expected, actual)
     return f"output {name!r} differs by {error:.1%} of its largest value" if error > tolerance else None
+
+
+def rounding_tolerance(noise: float) -> float:
+    """How far (of the largest output) the graph may differ from a model whose own float32 output
+    is ``noise`` off its float64 output (see the module docstring)."""
+    return max(RTOL, min(NOISE_FACTOR * noise, max(MAX_TOLERANCE, LOOSE_FACTOR * noise)))
 
 
 def _float32_noise(expected: Sequence[np.ndarray], batch: List[torch.Tensor],
@@ -138,10 +147,15 @@ def verify_export(proto: onnx.ModelProto, input_names: Sequence[str], output_nam
             problem = next((p for p in map(_mismatch, output_names, expected, actual) if p), None)
             noise = _float32_noise(expected, batch, run_float64) if problem else None
             if noise is not None:
-                tolerances = [min(max(RTOL, NOISE_FACTOR * n), MAX_TOLERANCE) for n in noise]
+                tolerances = [rounding_tolerance(n) for n in noise]
                 problem = next((p for p in map(_mismatch, output_names, expected, actual, tolerances) if p), None)
                 if problem:
                     problem += f" (torch's own float32 error is {max(noise):.2%})"
+                elif max(tolerances) > MAX_TOLERANCE:
+                    logger.warning("the model amplifies float32 rounding: its own float32 output is off its float64 "
+                                   "output by %.0f%% of the largest value, so the exported graph could only be "
+                                   "checked to within %.0f%% (a broken trace that changes the output by less would "
+                                   "pass)", 100 * max(noise), 100 * max(tolerances))
                 else:
                     logger.info("the exported graph differs from the model by float32 rounding only (torch's own "
                                 "float32 error: %.2g of the largest output)", max(noise))
