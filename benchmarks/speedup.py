@@ -134,13 +134,10 @@ def child(kind: str, path: str, shape: List[int], runs: int, warmup: int, thread
         engine = ModelSpeedup.load_quantized_model(path, num_threads=threads)
         run = lambda: engine.inference(x)  # noqa: E731
     elif kind == "onnx":
-        import onnxruntime as ort
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from ort_baseline import make_session  # the zoo's ORT session settings (spinning as mixq's engines)
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1")  # as mixq's engines: spin
-        so.add_session_config_entry("session.force_spinning_stop", "1")  # only while a run lasts
-        session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        session = make_session(path, threads)
         feed = {session.get_inputs()[0].name: x.numpy()}
         run = lambda: session.run(None, feed)  # noqa: E731
     elif kind == "openvino":  # an ONNX model compiled by OpenVINO as the mixq backend compiles its own
